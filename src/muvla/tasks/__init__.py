@@ -1,0 +1,1 @@
+"""Downstream tasks: official data formats, official metrics, fine-tuning and the Meta-Ave table."""
