@@ -1,0 +1,1 @@
+"""Multi-granular pre-training: masking rules, objectives, curriculum and the trainer."""

@@ -1,0 +1,761 @@
+"""Generic, resumable trainer shared by pre-training and fine-tuning.
+
+The trainer knows nothing about the model: ``model(batch)`` must return a :class:`StepOutput`
+(a scalar ``loss`` and a dict of named values to log). It adds AdamW with linear warm-up/decay,
+gradient accumulation and clipping, mixed precision, DDP under torchrun, atomic checkpoints and
+exact resumption.
+
+Exact resumption rests on three choices:
+- the data order is a pure function of (seed, epoch, rank) (:class:`ResumableDistributedSampler`)
+  and the checkpoint records how many batches of the epoch were consumed;
+- the random numbers used while building a batch (e.g. masking in the dataset or collate fn) come
+  from the global ``random`` / ``numpy`` / ``torch`` RNGs re-seeded per batch from
+  (seed, epoch, rank, batch position), so they do not depend on DataLoader workers or restarts;
+- everything else (model RNG such as dropout, optimizer, scheduler, grad scaler, the partly filled
+  logging window) is saved per rank and restored.
+
+Epoch-dependent behaviour (the μ-VLA curriculum): at the start of training, at resume, and whenever
+a new epoch begins, the trainer calls ``model.set_epoch(epoch)`` if the (unwrapped) model has it and
+then ``epoch_callback(epoch)``. Datasets that define ``set_epoch(epoch)`` get it called, inside the
+worker that builds the batch, before their items are read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import random
+import re
+import resource
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from muvla.pretraining.distributed import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_distributed,
+)
+from muvla.utils.config import ConfigError, to_dict
+from muvla.utils.progress import progress
+from muvla.utils.shards import atomic_dir, atomic_file, clean_stale_tmp
+
+CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
+CHECKPOINT_FILES = ("model.pt", "trainer.pt", "meta.json")
+
+
+# --------------------------------------------------------------------------------------------------
+# config and step protocol
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings (defaults follow the paper's reference configs)."""
+
+    out: Path  # run folder: metrics.jsonl, tensorboard/, checkpoints/, training_curves.png
+    max_steps: int = 0  # optimizer steps; > 0 wins over epochs
+    epochs: int = 1
+    batch_size: int = 32  # per rank and per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 5e-5
+    weight_decay: float = 0.01  # not applied to biases and normalisation weights
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 5.0  # <= 0 disables clipping (the norm is still logged)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on CUDA if supported)
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 42
+    log_every: int = 10
+    save_every: int = 1000
+    keep_checkpoints: int = 3  # newest checkpoints kept; 0 keeps all
+    num_workers: int = 0
+    drop_last: bool = False  # drop each rank's last partial batch of an epoch
+    find_unused_parameters: bool = False  # DDP: needed when a step leaves some heads unused
+    tensorboard: bool = True
+    resume: bool = False
+    plot: bool = True  # write <out>/training_curves.png at the end
+
+    def validate(self) -> None:
+        if self.max_steps < 0:
+            raise ConfigError(f"max_steps must be >= 0 (0 = use epochs), got {self.max_steps}")
+        if self.max_steps == 0 and self.epochs < 1:
+            raise ConfigError(f"set max_steps > 0 or epochs >= 1 (got max_steps=0, epochs={self.epochs})")
+        for name in ("batch_size", "grad_accum", "log_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.eps > 0:
+            raise ConfigError(f"eps must be > 0, got {self.eps}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.keep_checkpoints < 0:
+            raise ConfigError(f"keep_checkpoints must be >= 0 (0 = keep all), got {self.keep_checkpoints}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class StepOutput:
+    """What a model's ``forward(batch)`` returns to the trainer.
+
+    ``loss`` is the scalar to minimise (mean over the micro-batch); ``logs`` holds named scalars
+    (floats or 0-d tensors) averaged over the logging window and over ranks, e.g. per-objective
+    losses. A rank may omit a key in a step (e.g. an objective absent from its batch).
+    """
+
+    loss: torch.Tensor
+    logs: dict[str, float | torch.Tensor] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# data order
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """One micro-batch: its place in the data stream and the dataset indices it holds."""
+
+    epoch: int
+    position: int  # batch index within this rank's epoch
+    rank: int
+    indices: tuple[int, ...]
+
+
+class ResumableDistributedSampler(Sampler[BatchKey]):
+    """Deterministic, rank-sharded batches that can restart in the middle of an epoch.
+
+    Each epoch shuffles all indices with ``seed + epoch``. To give every rank the same number of
+    batches (DDP needs equal step counts), the permutation is padded by repeating its first
+    indices until its length is a multiple of ``world``; rank r then takes every world-th index
+    from position r. So with padding a few samples are seen twice per epoch; none are dropped.
+    The rank's list is cut into batches of ``batch_size``; the last partial batch is kept unless
+    ``drop_last``. ``set_state(epoch, consumed_batches)`` makes the next iteration start there.
+    Iterating yields :class:`BatchKey` items; ``batches(epoch)`` gives the plain index lists.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 drop_last: bool = False) -> None:
+        if num_samples < 1:
+            raise ValueError("cannot sample from an empty dataset")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"invalid rank {rank} of world {world}")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world = world
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.consumed_batches = 0
+        if len(self) == 0:
+            raise ValueError(f"{num_samples} samples over {world} rank(s) give fewer than batch_size="
+                             f"{batch_size} per rank and drop_last is set: an epoch would be empty")
+
+    @property
+    def samples_per_rank(self) -> int:
+        return math.ceil(self.num_samples / self.world)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (equal on all ranks)."""
+        if self.drop_last:
+            return self.samples_per_rank // self.batch_size
+        return math.ceil(self.samples_per_rank / self.batch_size)
+
+    def rank_indices(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(self.num_samples, generator=gen).tolist()
+        total = self.samples_per_rank * self.world
+        while len(perm) < total:  # pad by repeating from the start (loops when num_samples < world)
+            perm += perm[: total - len(perm)]
+        return perm[self.rank::self.world]
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        idx = self.rank_indices(epoch)
+        return [idx[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))]
+
+    def set_state(self, epoch: int, consumed_batches: int) -> None:
+        if not 0 <= consumed_batches <= len(self):
+            raise ValueError(f"consumed_batches must be in [0, {len(self)}], got {consumed_batches}")
+        self.epoch = epoch
+        self.consumed_batches = consumed_batches
+
+    def __iter__(self) -> Iterator[BatchKey]:
+        # Snapshot the start now so that set_state during iteration only affects the next pass.
+        epoch, start = self.epoch, self.consumed_batches
+        keys = [BatchKey(epoch, pos, self.rank, tuple(b))
+                for pos, b in enumerate(self.batches(epoch)) if pos >= start]
+        return iter(keys)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "consumed_batches": self.consumed_batches, "seed": self.seed,
+                "num_samples": self.num_samples, "batch_size": self.batch_size, "world": self.world,
+                "drop_last": self.drop_last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the position; refuse when the data order would differ (exact resume impossible)."""
+        for key in ("seed", "num_samples", "batch_size", "world", "drop_last"):
+            if state[key] != getattr(self, key):
+                raise ConfigError(f"cannot resume exactly: checkpoint has {key}={state[key]!r}, this run "
+                                  f"has {getattr(self, key)!r} (the data order would change)")
+        self.set_state(int(state["epoch"]), int(state["consumed_batches"]))
+
+
+def batch_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    """A well-mixed 32-bit seed for one batch, so per-batch randomness is independent of restarts."""
+    return int(np.random.SeedSequence([seed, epoch, rank, position]).generate_state(1)[0])
+
+
+class _KeyedBatches(Dataset):
+    """Turns a :class:`BatchKey` into ``(key, collated batch)``, seeding the global RNGs per batch.
+
+    The RNG states are saved and restored around the work so that, with ``num_workers=0``, the
+    main process's own random stream (dropout etc.) is not disturbed.
+    """
+
+    def __init__(self, dataset: Dataset, collate_fn: Callable[[list[Any]], Any], seed: int) -> None:
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        self.seed = seed
+
+    def __getitem__(self, key: BatchKey) -> tuple[BatchKey, Any]:
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                s = batch_seed(self.seed, key.epoch, key.rank, key.position)
+                random.seed(s)
+                np.random.seed(s)
+                torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also queues CUDA work
+                set_epoch = getattr(self.dataset, "set_epoch", None)
+                if callable(set_epoch):
+                    set_epoch(key.epoch)
+                try:
+                    batch = self.collate_fn([self.dataset[i] for i in key.indices])
+                except Exception as err:  # add where in the data stream it happened, then re-raise
+                    shown = list(key.indices[:8]) + (["..."] if len(key.indices) > 8 else [])
+                    raise RuntimeError(f"building batch {key.position} of epoch {key.epoch} on rank {key.rank} "
+                                       f"(dataset indices {shown}) failed: {err!r}") from err
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        return key, batch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+
+def _passthrough(x: Any) -> Any:
+    """DataLoader collate for pre-collated items (module level so spawn workers can pickle it)."""
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# optimisation helpers
+
+
+def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: 0 -> 1 linearly over ``warmup_steps``, then 1 -> 0 linearly at ``total_steps``.
+
+    Same formula as BERT / HF ``get_linear_schedule_with_warmup`` (the paper's schedule).
+    """
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+_NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weight matrices; none on biases and normalisation weights (BERT practice)."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if name == "bias" or isinstance(module, _NO_DECAY_MODULES) or p.ndim < 2:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> fp32 on CPU, bf16 on CUDA when supported (else fp16); fp16 needs CUDA."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
+    return precision
+
+
+def move_to_device(obj: Any, device: torch.device) -> Any:
+    """Recursively move tensors in dicts / lists / tuples / dataclasses to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: move_to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [move_to_device(v, device) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(move_to_device(v, device) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: move_to_device(getattr(obj, f.name), device)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return Path(out) / "checkpoints" / f"step-{step:07d}"
+
+
+def list_checkpoints(out: str | Path) -> list[Path]:
+    """Complete checkpoints under ``<out>/checkpoints`` (renamed, all files present), oldest first."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and all((p / f).is_file() for f in CHECKPOINT_FILES):
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    ckpts = list_checkpoints(out)
+    return ckpts[-1] if ckpts else None
+
+
+def load_model_weights(checkpoint: str | Path, model: nn.Module, strict: bool = True) -> Any:
+    """Load a checkpoint's model weights (e.g. pre-trained weights before fine-tuning)."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no model weights at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return model.load_state_dict(state, strict=strict)
+
+
+def get_rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated GPU memory in MiB, or on CPU the process's peak resident set (ru_maxrss, KiB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --------------------------------------------------------------------------------------------------
+# trainer
+
+
+class _Window:
+    """Per-rank sums of what was seen since the last log line (saved in checkpoints for exact logs).
+
+    Sums may be device tensors (float64) so that training steps never wait for the GPU; they are
+    turned into Python numbers only when a line is logged or a checkpoint is written.
+    """
+
+    def __init__(self) -> None:
+        self.loss: float | torch.Tensor = 0.0
+        self.micro = 0
+        self.steps = 0
+        self.grad_norm: float | torch.Tensor = 0.0
+        self.bad_grads: int | torch.Tensor = 0
+        self.samples = 0
+        self.sums: dict[str, float | torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        def num(v: Any) -> Any:
+            return v.item() if isinstance(v, torch.Tensor) else v
+
+        state = {k: num(v) for k, v in self.__dict__.items() if not isinstance(v, dict)}
+        state["sums"] = {k: num(v) for k, v in self.sums.items()}
+        state["counts"] = dict(self.counts)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()})
+
+
+class Trainer:
+    """Runs the optimisation loop for any model that returns :class:`StepOutput`.
+
+    Use under torchrun for DDP (one process per GPU, or per CPU slot with gloo). Rank 0 writes
+    ``<out>/metrics.jsonl``, ``<out>/tensorboard/``, ``<out>/checkpoints/step-XXXXXXX/`` and
+    ``<out>/training_curves.png``.
+    """
+
+    def __init__(self, model: nn.Module, train_dataset: Dataset, collate_fn: Callable[[list[Any]], Any],
+                 cfg: TrainConfig, epoch_callback: Callable[[int], None] | None = None,
+                 dist_info: DistInfo | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.dist = dist_info or init_distributed(cfg.device)
+        self.device = self.dist.device
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.epoch_callback = epoch_callback
+        try:
+            n = len(train_dataset)  # type: ignore[arg-type]
+        except TypeError as err:
+            raise TypeError("Trainer needs a map-style dataset with __len__ and __getitem__") from err
+        if n == 0:
+            raise ValueError("the training dataset is empty")
+        self.dataset = train_dataset
+        self.collate_fn = collate_fn
+        self.sampler = ResumableDistributedSampler(n, cfg.batch_size, self.dist.rank, self.dist.world,
+                                                   cfg.seed, cfg.drop_last)
+        if cfg.max_steps > 0:
+            self.total_steps = cfg.max_steps
+        else:
+            self.total_steps = max(1, cfg.epochs * len(self.sampler) // cfg.grad_accum)
+        self.warmup_steps = int(cfg.warmup_ratio * self.total_steps)
+
+        # Runtime randomness (dropout): reproducible, different per rank. Weights were initialised by
+        # the caller; DDP broadcasts rank 0's weights so all ranks start equal.
+        torch.manual_seed(cfg.seed + self.dist.rank)
+        random.seed(cfg.seed + self.dist.rank)
+        np.random.seed((cfg.seed + self.dist.rank) % 2**32)
+        self.model = model.to(self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=tuple(cfg.betas), eps=cfg.eps)
+        # A partial (not a callable object) so that LambdaLR.load_state_dict does not bring back the
+        # checkpoint's step counts: resuming with a new max_steps re-shapes the remaining schedule.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
+            linear_warmup_decay, warmup_steps=self.warmup_steps, total_steps=self.total_steps))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+        self.step = 0
+        self.epoch = 0
+        self.consumed_batches = 0
+        self.current_epoch: int | None = None
+        self.window = _Window()
+        self.resumed_from: Path | None = None
+        self.ddp: DDP | None = None
+
+    # ---- epoch hooks --------------------------------------------------------------------------
+
+    def _enter_epoch(self, epoch: int) -> None:
+        """Tell the model (``set_epoch``) and the callback which epoch the next batches belong to."""
+        self.current_epoch = epoch
+        set_epoch = getattr(self.model, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        if self.epoch_callback is not None:
+            self.epoch_callback(epoch)
+
+    # ---- data ---------------------------------------------------------------------------------
+
+    def _stream(self) -> Iterator[tuple[BatchKey, Any]]:
+        """Endless (key, batch) stream starting at the saved data position, epoch after epoch."""
+        keyed = _KeyedBatches(self.dataset, self.collate_fn, self.cfg.seed)
+        epoch, start = self.epoch, self.consumed_batches
+        while True:
+            self.sampler.set_state(epoch, start)
+            loader = DataLoader(keyed, batch_size=None, sampler=self.sampler, collate_fn=_passthrough,
+                                num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda")
+            yield from loader
+            epoch, start = epoch + 1, 0
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``step-XXXXXXX/`` atomically from rank 0, with every rank's RNG and log window."""
+        rank_state = {"rng": get_rng_state(), "window": self.window.state_dict()}
+        states = all_gather_object(rank_state)  # collective: every rank must call save_checkpoint
+        final = checkpoint_dir(self.out, self.step)
+        if not self.dist.is_main:
+            return final
+        self.sampler.set_state(self.epoch, self.consumed_batches)
+        trainer_state = {
+            "step": self.step, "epoch": self.epoch, "total_steps": self.total_steps,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "sampler": self.sampler.state_dict(),
+            "world": self.dist.world, "precision": self.precision, "config": to_dict(self.cfg),
+        }
+        if final.exists():  # a damaged folder of this step that resume skipped: replace it
+            shutil.rmtree(final)
+        with atomic_dir(final) as tmp:
+            torch.save(self.model.state_dict(), tmp / "model.pt")  # unwrapped: no "module." prefix
+            torch.save(trainer_state, tmp / "trainer.pt")
+            for r, s in enumerate(states):
+                torch.save(s, tmp / f"rank-{r:05d}.pt")
+            (tmp / "meta.json").write_text(json.dumps(
+                {"step": self.step, "epoch": self.epoch, "consumed_batches": self.consumed_batches,
+                 "world": self.dist.world, "total_steps": self.total_steps}, indent=1), encoding="utf-8")
+        if self.cfg.keep_checkpoints > 0:
+            for old in list_checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _apply_schedule(self) -> None:
+        """Set every group's lr from this run's config and schedule at the restored step.
+
+        For an exact resume this reproduces the saved values; when ``lr`` or ``max_steps`` changed it
+        makes the remaining steps follow the new settings instead of the checkpoint's.
+        """
+        self.scheduler.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
+        for group, fn in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = self.cfg.lr
+            group["lr"] = self.cfg.lr * fn(self.scheduler.last_epoch)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore model, optimizer, scheduler, scaler, data position and this rank's RNG state."""
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        if meta["world"] != self.dist.world:
+            raise ConfigError(f"{path} was written by {meta['world']} process(es); resume it with the "
+                              f"same number (got {self.dist.world}) so that data order and RNG match")
+        load_model_weights(path, self.model)
+        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_schedule()
+        self.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
+        self.epoch = int(state["sampler"]["epoch"])
+        self.consumed_batches = int(state["sampler"]["consumed_batches"])
+        rank_file = path / f"rank-{self.dist.rank:05d}.pt"
+        if not rank_file.is_file():
+            raise FileNotFoundError(f"{path} lacks {rank_file.name}; the checkpoint is incomplete")
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        set_rng_state(rank_state["rng"])
+        self.window.load_state_dict(rank_state["window"])
+        self.resumed_from = path
+
+    # ---- logging ------------------------------------------------------------------------------
+
+    def _prepare_metrics_file(self) -> None:
+        """Fresh run: empty file. Resume: keep only rows up to the checkpoint step (no duplicates)."""
+        path = self.out / "metrics.jsonl"
+        kept: list[str] = []
+        if self.step > 0 and path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # torn last line of a killed writer
+                    continue
+                if isinstance(row, dict) and int(row.get("step", 0)) <= self.step:
+                    kept.append(line)
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+    def _gather_log(self, lr: float, elapsed: float) -> dict[str, Any]:
+        """Average the window over micro-steps and ranks (collective: all ranks call it)."""
+        w = self.window.state_dict()
+        keys = sorted(set().union(*[set(k) for k in all_gather_object(sorted(w["sums"]))]))
+        vec = torch.tensor([w["loss"], w["micro"], w["grad_norm"], w["steps"] - w["bad_grads"], w["bad_grads"],
+                            w["samples"]] + [w["sums"].get(k, 0.0) for k in keys]
+                           + [w["counts"].get(k, 0) for k in keys], dtype=torch.float64, device=self.device)
+        vec = all_reduce_sum(vec).cpu().tolist()
+        loss, micro, gnorm, good, bad, samples = vec[:6]
+        row: dict[str, Any] = {"step": self.step, "epoch": self.epoch, "lr": lr,
+                               "loss": loss / max(micro, 1),
+                               "grad_norm": gnorm / good if good else float("nan"),
+                               "samples_per_s": samples / max(elapsed, 1e-9),
+                               "peak_mem_mb": peak_memory_mb(self.device)}
+        if bad:
+            row["nonfinite_grad_steps"] = int(bad)
+        sums, counts = vec[6:6 + len(keys)], vec[6 + len(keys):]
+        for k, s, c in zip(keys, sums, counts):
+            if c:
+                row[k] = s / c
+        if bad and self.precision != "fp16":
+            raise FloatingPointError(
+                f"non-finite gradient norm in {int(bad)} step(s) up to step {self.step} (loss {row['loss']}); "
+                "check the inputs and lr, or use fp32")
+        return row
+
+    def _accumulate(self, out: Any, n_samples: int) -> None:
+        w = self.window
+        w.loss = w.loss + out.loss.detach().double().reshape(())
+        w.micro += 1
+        w.samples += n_samples
+        for k, v in (out.logs or {}).items():
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    raise ValueError(f"StepOutput.logs[{k!r}] must be a scalar, got shape {tuple(v.shape)}")
+                value: float | torch.Tensor = v.detach().double().reshape(())
+            elif isinstance(v, (int, float)):
+                value = float(v)
+            else:
+                raise TypeError(f"StepOutput.logs[{k!r}] must be a number or scalar tensor, got {type(v).__name__}")
+            w.sums[k] = w.sums.get(k, 0.0) + value
+            w.counts[k] = w.counts.get(k, 0) + 1
+
+    # ---- main loop ----------------------------------------------------------------------------
+
+    def _check_output(self, out: Any) -> None:
+        loss = getattr(out, "loss", None)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"model(batch) must return a StepOutput with a scalar loss tensor, got "
+                            f"{type(out).__name__} with loss={type(loss).__name__}")
+
+    def train(self) -> dict[str, Any]:
+        """Train to ``total_steps`` (continuing the latest checkpoint when ``cfg.resume``)."""
+        cfg = self.cfg
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            clean_stale_tmp(self.out / "checkpoints")
+        barrier()
+        existing = latest_checkpoint(self.out) if self.dist.is_main else None
+        existing = broadcast_object(str(existing) if existing else None)
+        if existing and not cfg.resume:
+            raise ConfigError(f"{self.out} already holds checkpoints (latest {existing}); pass resume=True "
+                              "to continue that run or choose another output folder")
+        if existing:
+            self.load_checkpoint(Path(existing))
+
+        if self.dist.world > 1:
+            self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                           find_unused_parameters=cfg.find_unused_parameters)
+        net: nn.Module = self.ddp if self.ddp is not None else self.model
+        net.train()
+
+        writer = None
+        if self.dist.is_main:
+            self._prepare_metrics_file()
+            if cfg.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1)
+        metrics_f = (self.out / "metrics.jsonl").open("a", encoding="utf-8") if self.dist.is_main else None
+
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        stream = self._stream()
+        last_row: dict[str, Any] = {}
+        start_step = self.step
+        t_window = time.perf_counter()
+        t_start = t_window
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._enter_epoch(self.epoch)
+        bar = progress(range(start_step, self.total_steps), desc="train", total=self.total_steps - start_step,
+                       unit="step", enabled=self.dist.is_main)
+        try:
+            for _ in bar:
+                for micro in range(cfg.grad_accum):
+                    key, batch = next(stream)
+                    if key.epoch != self.current_epoch:
+                        self._enter_epoch(key.epoch)
+                    batch = move_to_device(batch, self.device)
+                    final_micro = micro == cfg.grad_accum - 1
+                    sync = contextlib.nullcontext() if (self.ddp is None or final_micro) else self.ddp.no_sync()
+                    with sync:
+                        with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                            out = net(batch)
+                        self._check_output(out)
+                        self.scaler.scale(out.loss.float() / cfg.grad_accum).backward()
+                    self._accumulate(out, len(key.indices))
+                    self.epoch, self.consumed_batches = key.epoch, key.position + 1
+                    if self.consumed_batches == len(self.sampler):
+                        self.epoch, self.consumed_batches = key.epoch + 1, 0
+
+                self.scaler.unscale_(self.optimizer)
+                clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).detach().double()
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                self.step += 1
+                self.window.steps += 1
+                finite = torch.isfinite(gnorm)
+                self.window.grad_norm = self.window.grad_norm + torch.where(finite, gnorm, 0.0)
+                self.window.bad_grads = self.window.bad_grads + (~finite).long()
+
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    row = self._gather_log(lr, now - t_window)
+                    self.window = _Window()
+                    t_window = now
+                    last_row = row
+                    if metrics_f is not None:
+                        metrics_f.write(json.dumps(row) + "\n")
+                        metrics_f.flush()
+                    if writer is not None:
+                        for k, v in row.items():
+                            if k != "step" and isinstance(v, (int, float)):
+                                writer.add_scalar(f"train/{k}", v, self.step)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.1f}")
+                if self.step % cfg.save_every == 0 or self.step == self.total_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if metrics_f is not None:
+                metrics_f.close()
+            if writer is not None:
+                writer.close()
+        barrier()
+
+        plot_path = None
+        if self.dist.is_main and cfg.plot and (self.out / "metrics.jsonl").stat().st_size > 0:
+            from muvla.pretraining.plots import plot_training_curves
+
+            plot_path = plot_training_curves(self.out / "metrics.jsonl", self.out / "training_curves.png")
+        elapsed = time.perf_counter() - t_start
+        return {
+            "steps": self.step, "total_steps": self.total_steps, "epoch": self.epoch,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "final_loss": last_row.get("loss"), "last_metrics": last_row,
+            "checkpoint": str(latest_checkpoint(self.out)) if self.dist.is_main else None,
+            "training_curves": str(plot_path) if plot_path else None,
+            "precision": self.precision, "world": self.dist.world, "device": str(self.device),
+            "wall_s": elapsed, "config": to_dict(self.cfg),
+        }
