@@ -70,6 +70,12 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} field(s): {sorted(unknown)}; known: {sorted(known)}")
     kwargs = {k: _coerce(v, hints[k], k) for k, v in data.items()}
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+        raise ConfigError(f"{cls.__name__}: missing required value(s) {missing} (flags {flags} or YAML keys)")
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):

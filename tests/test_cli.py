@@ -1,0 +1,79 @@
+"""The command line: help for every command, configs from YAML + flags, clear errors for bad values."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from muvla.cli import STAGES, main
+from muvla.utils.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for stage in STAGES:
+        assert stage.name in text
+    assert "report" in text and "table" in text
+
+
+@pytest.mark.parametrize("command", [s.name for s in STAGES])
+def test_each_command_has_help_with_config_flags(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--config" in text and "--set" in text
+
+
+def test_bad_value_is_a_clear_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["regions", "--out", str(tmp_path / "r"), "--backend", "yolo"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "backend" in err and "Traceback" not in err
+
+
+def test_missing_required_value_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["retrieve", "--k", "5"])
+    assert code == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_yaml_config_then_flags_override(tmp_path: Path) -> None:
+    from muvla.regions.stage import RegionsConfig
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"out": "o", "images": str(tmp_path), "max_regions": 3, "nms_iou": 0.3}))
+    cfg = load_config(RegionsConfig, path, {"max_regions": 7, "batch_size": None})
+    assert cfg.max_regions == 7 and cfg.nms_iou == 0.3 and cfg.batch_size == 32
+
+
+def test_unknown_yaml_key_is_rejected(tmp_path: Path) -> None:
+    from muvla.regions.stage import RegionsConfig
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"out": "o", "images": str(tmp_path), "max_regionz": 3}))
+    with pytest.raises(ConfigError, match="max_regionz"):
+        load_config(RegionsConfig, path)
+
+
+def test_dotted_set_reaches_nested_stage_sections() -> None:
+    from muvla.corpus import CorpusConfig
+
+    cfg = load_config(CorpusConfig, None, {"out": "o", "corpus": ["c.txt"], "regions.max_regions": 10})
+    assert cfg.regions == {"max_regions": 10}
+
+
+def test_module_entry_point_runs() -> None:
+    result = subprocess.run([sys.executable, "-m", "muvla", "--version"], capture_output=True, text=True,
+                            cwd=REPO, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("muvla ")
