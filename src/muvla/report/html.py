@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,6 +412,8 @@ def write_report(run_dir: Path, out_html: Path | None = None, max_images: int = 
         curve_html = (f'<img class="curve" alt="training curves" src="{uri}">' if uri
                       else '<p class="notrun">metrics.jsonl has no numeric series</p>') + note
 
+    evaluation_html = render_evaluations(run_dir)
+
     # --- assemble
     body: list[str] = []
     body.append(f"<header><h1>muvla run: {esc(run_dir.resolve().name)}</h1>"
@@ -451,6 +454,8 @@ def write_report(run_dir: Path, out_html: Path | None = None, max_images: int = 
     body.append(f'<section class="overview">{"".join(overview)}</section>')
 
     body.append(f"<section><h2>Pre-training</h2>{curve_html}</section>")
+    if evaluation_html:
+        body.append(f"<section><h2>Evaluation</h2>{evaluation_html}</section>")
 
     body.append(f"<section><h2>Images ({len(cards)} of {total_images} shown)</h2>"
                 '<div class="legend">Underlined words are noun phrases; coloured ones were matched to the box of '
@@ -470,6 +475,30 @@ def write_report(run_dir: Path, out_html: Path | None = None, max_images: int = 
     with atomic_file(out_html) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return out_html
+
+
+def render_evaluations(run_dir: Path) -> str:
+    """A table of ``<run>/evaluation/*/summary.json`` metrics and their figures ('' when none ran)."""
+    rows, figures = [], []
+    for path in sorted((run_dir / "evaluation").glob("*/summary.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            rows.append(f'<tr><th>{esc(path.parent.name)}</th><td class="err">unreadable: {esc(err)}</td></tr>')
+            continue
+        metrics = data.get("metrics") or {}
+        cells = ", ".join(f"{esc(k)} {v:.3f}" for k, v in metrics.items() if isinstance(v, (int, float)))
+        rows.append(f"<tr><th>{esc(path.parent.name)}</th><td>{esc(data.get('task', ''))}</td>"
+                    f"<td>{esc(data.get('model', ''))}</td><td>{cells}</td></tr>")
+        figure = Path(str(data.get("figure", "")))
+        if figure.suffix == ".png" and figure.is_file():
+            uri = "data:image/png;base64," + base64.b64encode(figure.read_bytes()).decode("ascii")
+            figures.append(f'<figure><img class="curve" alt="{esc(path.parent.name)}" src="{uri}">'
+                           f"<figcaption>{esc(path.parent.name)}</figcaption></figure>")
+    if not rows:
+        return ""
+    return (f"<table><tr><th>run</th><th>task</th><th>model</th><th>metrics</th></tr>{''.join(rows)}</table>"
+            + "".join(figures))
 
 
 def render_card(card: Card, run_dir: Path, sentences: dict[int, tuple[str, str]],

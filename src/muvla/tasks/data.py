@@ -585,12 +585,19 @@ def load_coco_captions(path: str | Path, has_regions: HasRegions | None = None
     data = _read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise ValueError(f"{path}: expected a COCO captions file with an 'annotations' list")
+    # Region stores name images by file stem; COCO's zero-padded stems also resolve from the int id,
+    # any other file name (e.g. "astronaut.png") must be mapped through the images list.
+    named = {img["id"]: Path(str(img["file_name"])).stem for img in data.get("images", [])
+             if isinstance(img, dict) and "id" in img and "file_name" in img
+             and not Path(str(img["file_name"])).stem.isdigit()}
     examples: list[CaptionExample] = []
     for i, ann in enumerate(data["annotations"]):
         bad = _missing(ann, ("image_id", "caption")) if isinstance(ann, dict) else "not an object"
         if bad:
             report.skip(path, i, f"malformed caption: {bad}")
             continue
+        if ann["image_id"] in named:
+            ann = {**ann, "image_id": named[ann["image_id"]]}
         caption = str(ann["caption"]).strip()
         if not caption:
             report.skip(path, i, "empty caption", f"image_id={ann['image_id']}")
