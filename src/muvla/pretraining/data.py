@@ -1,0 +1,557 @@
+"""Pre-training data: the weakly-aligned corpus as (image, retrieved sentence) samples (METHOD §2-5).
+
+``PretrainCorpus`` reads a corpus folder (formats in docs/DESIGN.md) once and keeps only what a
+sample needs in memory: the retrieved sentences, pre-tokenised (not the whole text store), their
+phrase-token maps, and each pair's region-phrase matches. Region features stay memory-mapped in the
+``RegionStore``. ``PretrainDataset`` yields one item per usable image; ``PretrainCollator`` pads a
+list of items and applies all masking (R-T, R-N, I-S) with a generator seeded from the global torch
+RNG, which the trainer re-seeds per batch: the same batch position always gets the same masks, so
+a resumed run continues exactly.
+
+Images without regions or without any retrieved sentence are skipped and counted in
+``PretrainCorpus.skipped`` (reported in the run summary), never a crash mid-training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import Dataset
+
+from muvla.pretraining.masking import mask_is, mask_rn, mask_rt, phrase_targets, sample_itm_negatives
+from muvla.regions.store import ImageRegions, RegionPartWriter, RegionStore, merge_region_parts
+
+logger = logging.getLogger(__name__)
+
+PMRTC_MAX_PIECES = 8  # WordPieces of a phrase used as p-MRTC targets (longer phrases keep the first ones)
+
+
+# ----------------------------------------------------------------------------------------------
+# corpus
+
+
+class PretrainCorpus:
+    """Everything pre-training reads from a corpus folder, indexed by usable image.
+
+    corpus_dir: folder with ``regions/``, ``text/sentences.parquet``, ``retrieval/topk.parquet`` and
+    ``phrases/{sentence_phrases,matches}.parquet``. ``retrieval_dir`` / ``phrases_dir`` override the
+    last two (baselines built with ``muvla pairs`` keep theirs elsewhere). ``k``: use only ranks < k
+    (the K ablation); None = all retrieved ranks. ``max_text_len`` counts [CLS] and [SEP]; the
+    tag sequence of R-T uses the same limit. ``max_regions``: keep an image's first regions.
+    """
+
+    def __init__(self, corpus_dir: str | Path, tokenizer: Any, max_text_len: int = 36, max_regions: int = 50,
+                 k: int | None = None, retrieval_dir: str | Path | None = None,
+                 phrases_dir: str | Path | None = None, regions_dir: str | Path | None = None,
+                 text_dir: str | Path | None = None) -> None:
+        if max_text_len < 3:
+            raise ValueError(f"max_text_len must be >= 3 ([CLS] + a token + [SEP]), got {max_text_len}")
+        if max_regions < 1:
+            raise ValueError(f"max_regions must be >= 1, got {max_regions}")
+        if k is not None and k < 1:
+            raise ValueError(f"k must be >= 1 (or None for all retrieved ranks), got {k}")
+        root = Path(corpus_dir)
+        self.regions_dir = Path(regions_dir) if regions_dir else root / "regions"
+        self.text_dir = Path(text_dir) if text_dir else root / "text"
+        self.retrieval_dir = Path(retrieval_dir) if retrieval_dir else root / "retrieval"
+        self.phrases_dir = Path(phrases_dir) if phrases_dir else root / "phrases"
+        paths = {"sentences": self.text_dir / "sentences.parquet", "topk": self.retrieval_dir / "topk.parquet",
+                 "sentence_phrases": self.phrases_dir / "sentence_phrases.parquet",
+                 "matches": self.phrases_dir / "matches.parquet"}
+        for name, path in paths.items():
+            if not path.is_file():
+                raise FileNotFoundError(f"pre-training corpus: {name} file {path} not found "
+                                        "(build the corpus with `muvla corpus`, or `muvla pairs` + `muvla phrases`)")
+        self.tokenizer = tokenizer
+        self.max_text_len = max_text_len
+        self.max_regions = max_regions
+        self.k = k
+        self.store = RegionStore(self.regions_dir)
+        self.feature_dim = self.store.feature_dim
+        self.skipped: Counter[str] = Counter()
+        self.cls_id = int(tokenizer.cls_token_id)
+        self.sep_id = int(tokenizer.sep_token_id)
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.mask_id = int(tokenizer.mask_token_id)
+        self.vocab_size = int(len(tokenizer))
+        self.special_ids = sorted({int(i) for i in tokenizer.all_special_ids})
+
+        # retrieved pairs, ranks < k, in rank order
+        topk = _read(paths["topk"], ["image_id", "rank", "sentence_id"])
+        by_image: dict[str, list[tuple[int, int]]] = {}
+        for image_id, rank, sid in zip(topk["image_id"], topk["rank"], topk["sentence_id"]):
+            if k is not None and rank >= k:
+                continue
+            by_image.setdefault(str(image_id), []).append((int(rank), int(sid)))
+
+        # tokenise only the retrieved sentences
+        wanted = sorted({sid for pairs in by_image.values() for _, sid in pairs})
+        texts = _sentence_texts(paths["sentences"], set(wanted))
+        missing = [sid for sid in wanted if sid not in texts]
+        if missing:
+            self.skipped["retrieved_sentence_not_in_text_store"] += len(missing)
+            logger.warning("%d retrieved sentence ids are not in %s (e.g. %s); those pairs are skipped",
+                           len(missing), paths["sentences"], missing[:3])
+        present = [sid for sid in wanted if sid in texts]
+        body_len = max_text_len - 2
+        ids = tokenizer([texts[s] for s in present], add_special_tokens=False)["input_ids"] if present else []
+        self.sent_tokens: dict[int, np.ndarray] = {}
+        for sid, toks in zip(present, ids):
+            if not toks:
+                self.skipped["empty_sentence"] += 1
+                continue
+            self.sent_tokens[sid] = np.array([self.cls_id, *toks[:body_len], self.sep_id], dtype=np.int64)
+
+        # token -> phrase index (shifted by 1 for [CLS]; phrases cut by truncation keep their first pieces)
+        phrases = _read(paths["sentence_phrases"], ["sentence_id", "token_spans"], sids=set(self.sent_tokens))
+        self.token_phrase: dict[int, np.ndarray] = {}
+        for sid, spans in zip(phrases["sentence_id"], phrases["token_spans"]):
+            sid = int(sid)
+            tp = np.full(len(self.sent_tokens[sid]), -1, dtype=np.int64)
+            for p, (start, end) in enumerate(spans or []):
+                start, end = max(int(start), 0), min(int(end), body_len)
+                if start < end:
+                    tp[1 + start:1 + end] = p
+            self.token_phrase[sid] = tp
+
+        # region-phrase matches per (image, sentence)
+        matches = _read(paths["matches"], ["image_id", "sentence_id", "region_phrase", "region_sim"],
+                        sids=set(self.sent_tokens))
+        self.matches: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        for image_id, sid, rp, rs in zip(matches["image_id"], matches["sentence_id"], matches["region_phrase"],
+                                         matches["region_sim"]):
+            self.matches[(str(image_id), int(sid))] = (np.asarray(rp or [], dtype=np.int64),
+                                                      np.clip(np.asarray(rs or [], dtype=np.float32), 0.0, 1.0))
+
+        # usable images
+        self.image_ids: list[str] = []
+        self.image_sentences: list[list[int]] = []
+        self.num_regions: list[int] = []
+        for image_id, pairs in by_image.items():
+            if image_id not in self.store:
+                self.skipped["image_not_in_region_store"] += 1
+                continue
+            n = self.store_num_regions(image_id)
+            if n == 0:
+                self.skipped["image_without_regions"] += 1
+                continue
+            sids = [sid for _, sid in sorted(pairs) if sid in self.sent_tokens]
+            if not sids:
+                self.skipped["image_without_usable_sentence"] += 1
+                continue
+            self.image_ids.append(image_id)
+            self.image_sentences.append(sids)
+            self.num_regions.append(min(n, max_regions))
+        retrieved = set(by_image)
+        self.skipped["image_not_retrieved"] += sum(1 for i in self.store.image_ids if i not in retrieved)
+        if not self.skipped["image_not_retrieved"]:
+            del self.skipped["image_not_retrieved"]
+
+        # ITM negative pool: every retrieved sentence; exclusions are the image's own top-K
+        self.pool = np.array(sorted({s for sids in self.image_sentences for s in sids}), dtype=np.int64)
+        self.pool_index = {int(s): i for i, s in enumerate(self.pool)}
+        self.max_k = max((len(s) for s in self.image_sentences), default=0)
+        self._tag_cache: dict[str, list[int]] = {}
+
+    def store_num_regions(self, image_id: str) -> int:
+        """Real region count from the index (no array read)."""
+        key = self.store._resolve(image_id)
+        return int(self.store._index["num_regions"][self.store._pos[key]])
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def summary(self) -> dict[str, Any]:
+        return {"images": len(self.image_ids), "sentences": len(self.sent_tokens), "negative_pool": len(self.pool),
+                "k": self.k, "max_k": self.max_k, "skipped": dict(sorted(self.skipped.items())),
+                "regions": str(self.regions_dir), "retrieval": str(self.retrieval_dir),
+                "phrases": str(self.phrases_dir)}
+
+    def regions(self, i: int) -> ImageRegions:
+        return self.store[self.image_ids[i]]
+
+    def tag_tokens(self, tags: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """[CLS] tag pieces [SEP] and each piece's region index (-1 for [CLS]/[SEP]), truncated."""
+        new = sorted({t for t in tags if t not in self._tag_cache})
+        if new:
+            for tag, toks in zip(new, self.tokenizer(new, add_special_tokens=False)["input_ids"]):
+                self._tag_cache[tag] = list(toks)
+        ids, owner = [self.cls_id], [-1]
+        for r, tag in enumerate(tags):
+            pieces = self._tag_cache[tag]
+            room = self.max_text_len - 1 - len(ids)
+            if room <= 0:
+                break
+            ids += pieces[:room]
+            owner += [r] * len(pieces[:room])
+        ids.append(self.sep_id)
+        owner.append(-1)
+        return np.array(ids, dtype=np.int64), np.array(owner, dtype=np.int64)
+
+    def match(self, image_id: str, sid: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(region_phrase [n], region_sim [n]) of a pair; no row or a length mismatch -> -1 / 0 (counted)."""
+        found = self.matches.get((image_id, sid))
+        phrase = np.full(n, -1, dtype=np.int64)
+        sim = np.zeros(n, dtype=np.float32)
+        if found is None:
+            self.skipped["pair_without_match_row"] += 1
+            return phrase, sim
+        rp, rs = found
+        m = min(n, len(rp), len(rs))
+        phrase[:m], sim[:m] = rp[:m], rs[:m]
+        return phrase, sim
+
+
+def _read(path: Path, columns: list[str], sids: set[int] | None = None) -> dict[str, list]:
+    """Read parquet columns, optionally keeping rows whose sentence_id is in ``sids``."""
+    table = pq.read_table(path)
+    absent = [c for c in columns if c not in table.column_names]
+    if absent:
+        raise ValueError(f"{path}: missing column(s) {absent} (see docs/DESIGN.md)")
+    table = table.select(columns)
+    if sids is not None:
+        mask = pc.is_in(table.column("sentence_id"), value_set=pa.array(sorted(sids), type=pa.int64()))
+        table = table.filter(mask)
+    return table.to_pydict()
+
+
+def _sentence_texts(path: Path, wanted: set[int]) -> dict[int, str]:
+    """Texts of the wanted sentence ids, read in row batches so a huge text store is never all in memory."""
+    out: dict[int, str] = {}
+    if not wanted:
+        return out
+    value_set = pa.array(sorted(wanted), type=pa.int64())
+    f = pq.ParquetFile(path)
+    for batch in f.iter_batches(columns=["sentence_id", "text"], batch_size=65536):
+        table = pa.Table.from_batches([batch])
+        table = table.filter(pc.is_in(table.column("sentence_id"), value_set=value_set))
+        for sid, text in zip(table.column("sentence_id").to_pylist(), table.column("text").to_pylist()):
+            out[int(sid)] = str(text)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# dataset
+
+
+class PretrainDataset(Dataset):
+    """One item per usable image: its regions, tags and ONE of its top-K sentences drawn at random.
+
+    The draw uses Python's ``random``, which the trainer re-seeds per batch (exact resume). Items are
+    numpy arrays; ``PretrainCollator`` pads and masks them.
+    """
+
+    def __init__(self, corpus: PretrainCorpus) -> None:
+        if len(corpus) == 0:
+            raise ValueError(f"no usable image in the corpus (skipped: {dict(corpus.skipped)})")
+        self.corpus = corpus
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        c = self.corpus
+        image_id = c.image_ids[i]
+        reg = c.regions(i)
+        n = c.num_regions[i]
+        sids = c.image_sentences[i]
+        sid = sids[random.randrange(len(sids))]
+        tag_ids, tag_region = c.tag_tokens(reg.tags[:n])
+        region_phrase, region_sim = c.match(image_id, sid, n)
+        own = np.full(c.max_k, -1, dtype=np.int64)
+        own[:len(sids)] = [c.pool_index[s] for s in sids]
+        return {
+            "index": i, "sentence_id": sid, "own_pool": own,
+            "features": reg.features[:n],  # float16 as stored; the collator converts the padded batch once
+            "positions": reg.position_features()[:n],
+            "class_ids": np.asarray(reg.class_ids[:n], dtype=np.int64),
+            "class_probs": None if reg.class_probs is None else reg.class_probs[:n],
+            "tag_ids": tag_ids, "tag_region": tag_region,
+            "text_ids": c.sent_tokens[sid], "token_phrase": c.token_phrase.get(sid, np.full(len(c.sent_tokens[sid]), -1)),
+            "region_phrase": region_phrase, "region_sim": region_sim,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# batch
+
+
+@dataclass
+class PretrainBatch:
+    """A padded, masked pre-training batch. B = batch, R = regions, Lt = tag sequence, L = sentence,
+    Ls = I-S sentence (positive or negative), D = feature dim, C = region classes, P = p-MRTC pieces.
+
+    Shared region inputs:
+      region_features  [B, R, D] float  ORIGINAL features (MRFR target, I-S input)
+      region_positions [B, R, 5] float; region_mask [B, R] bool; region_class_ids [B, R] long (-1 none)
+      region_class_probs [B, R, C] float or None
+    R-T ([tags ; regions]):
+      rt_input_ids, rt_attention_mask, rt_mlm_labels [B, Lt]; rt_box_positions [B, Lt, 5] (each tag
+      piece's region box), rt_box_mask [B, Lt]; rt_region_features [B, R, D] (masked), rt_region_masked [B, R]
+    R-N ([t^r ; regions], one modality masked per sample):
+      text_input_ids [B, L] unmasked t^r; text_attention_mask [B, L]; rn_input_ids, rn_mlm_labels [B, L];
+      rn_region_features [B, R, D]; rn_region_masked [B, R]; rn_pmrtc_targets [B, R, P]
+    I-S ([t^r or a random sentence ; regions]):
+      is_input_ids, is_attention_mask, is_mlm_labels [B, Ls] (MLM on positives only); itm_labels [B] float
+    Bookkeeping: image_index [B], sentence_ids [B], negative_ids [B] (-1 for positives) long.
+    """
+
+    region_features: torch.Tensor
+    region_positions: torch.Tensor
+    region_mask: torch.Tensor
+    region_class_ids: torch.Tensor
+    region_class_probs: torch.Tensor | None
+    rt_input_ids: torch.Tensor
+    rt_attention_mask: torch.Tensor
+    rt_mlm_labels: torch.Tensor
+    rt_box_positions: torch.Tensor
+    rt_box_mask: torch.Tensor
+    rt_region_features: torch.Tensor
+    rt_region_masked: torch.Tensor
+    text_input_ids: torch.Tensor
+    text_attention_mask: torch.Tensor
+    rn_input_ids: torch.Tensor
+    rn_mlm_labels: torch.Tensor
+    rn_region_features: torch.Tensor
+    rn_region_masked: torch.Tensor
+    rn_pmrtc_targets: torch.Tensor
+    is_input_ids: torch.Tensor
+    is_attention_mask: torch.Tensor
+    is_mlm_labels: torch.Tensor
+    itm_labels: torch.Tensor
+    image_index: torch.Tensor
+    sentence_ids: torch.Tensor
+    negative_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.image_index.shape[0])
+
+
+def _pad(arrays: Sequence[np.ndarray], value: float, dtype: torch.dtype) -> torch.Tensor:
+    """Stack variable-length arrays [n_i, ...] into [B, max n, ...] filled with ``value``.
+
+    Built in numpy in the items' own dtype (float16 features stay half-size) and converted once.
+    """
+    longest = max(len(a) for a in arrays)
+    shape = (len(arrays), longest, *arrays[0].shape[1:])
+    out = np.zeros(shape, dtype=arrays[0].dtype) if value == 0 else np.full(shape, value, dtype=arrays[0].dtype)
+    for b, a in enumerate(arrays):
+        out[b, :len(a)] = a
+    return torch.from_numpy(out).to(dtype)
+
+
+class PretrainCollator:
+    """Pads items into a :class:`PretrainBatch` and applies all masking rules (METHOD §5).
+
+    Randomness: one ``torch.Generator`` per batch seeded from the global torch RNG (re-seeded per
+    batch by the trainer). ``neg_fraction``: share of I-S pairs given a random negative sentence
+    (0.5 for μ-VLA; 0 for round robin, whose text batches use every sentence for MLM).
+    """
+
+    def __init__(self, corpus: PretrainCorpus, mask_prob: float = 0.15, neg_fraction: float = 0.5) -> None:
+        if not 0.0 < mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
+        self.corpus = corpus
+        self.mask_prob = mask_prob
+        self.neg_fraction = neg_fraction
+
+    def __call__(self, items: list[dict[str, Any]]) -> PretrainBatch:
+        c = self.corpus
+        B = len(items)
+        g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        tok = dict(mask_token_id=c.mask_id, vocab_size=c.vocab_size, special_ids=c.special_ids, generator=g,
+                   prob=self.mask_prob)
+
+        feats = _pad([it["features"] for it in items], 0.0, torch.float32)
+        positions = _pad([it["positions"] for it in items], 0.0, torch.float32)
+        region_mask = _pad([np.ones(len(it["features"]), dtype=bool) for it in items], False, torch.bool)
+        class_ids = _pad([it["class_ids"] for it in items], -1, torch.long)
+        class_probs = None
+        if all(it["class_probs"] is not None for it in items):
+            class_probs = _pad([it["class_probs"] for it in items], 0.0, torch.float32)
+
+        # R-T: tags (each piece carries its region's box) + regions
+        tag_ids = _pad([it["tag_ids"] for it in items], c.pad_id, torch.long)
+        tag_mask = _pad([np.ones(len(it["tag_ids"]), dtype=bool) for it in items], False, torch.bool)
+        tag_region = _pad([it["tag_region"] for it in items], -1, torch.long)
+        box_mask = tag_region >= 0
+        box_pos = positions.gather(1, tag_region.clamp(min=0)[..., None].expand(-1, -1, 5)) * box_mask[..., None]
+        rt = mask_rt(tag_ids, tag_mask, feats, region_mask, ensure_one=False, **tok)
+
+        # R-N: phrase tokens or matched regions, one modality per sample
+        text_ids = _pad([it["text_ids"] for it in items], c.pad_id, torch.long)
+        text_mask = _pad([np.ones(len(it["text_ids"]), dtype=bool) for it in items], False, torch.bool)
+        token_phrase = _pad([it["token_phrase"] for it in items], -1, torch.long)
+        region_phrase = _pad([it["region_phrase"] for it in items], -1, torch.long)
+        region_sim = _pad([it["region_sim"] for it in items], 0.0, torch.float32)
+        rn = mask_rn(text_ids, token_phrase >= 0, feats, region_sim, region_phrase >= 0, **tok)
+        targets = phrase_targets(text_ids, token_phrase, region_phrase, PMRTC_MAX_PIECES)
+
+        # I-S: half the pairs get a random sentence that is none of the image's top-K
+        is_negative = torch.zeros(B, dtype=torch.bool)
+        neg_ids = torch.full((B,), -1, dtype=torch.long)
+        if self.neg_fraction > 0:
+            own = torch.from_numpy(np.stack([it["own_pool"] for it in items]))
+            is_negative, neg_pool = sample_itm_negatives(B, len(c.pool), g, exclude=own,
+                                                         neg_fraction=self.neg_fraction)
+            neg_ids = torch.where(is_negative, torch.from_numpy(c.pool)[neg_pool.clamp(min=0)], neg_ids)
+        is_seqs = [c.sent_tokens[int(neg_ids[b])] if is_negative[b] else items[b]["text_ids"] for b in range(B)]
+        is_ids = _pad(is_seqs, c.pad_id, torch.long)
+        is_mask = _pad([np.ones(len(s), dtype=bool) for s in is_seqs], False, torch.bool)
+        # Corrupt negatives too but keep MLM labels on positives only (METHOD §5): with masking on
+        # positives alone, "[MASK] present" would reveal the ITM label and the head would learn that.
+        is_input, is_labels = mask_is(is_ids, is_mask, torch.ones(B, dtype=torch.bool), **tok)
+        is_labels = is_labels.masked_fill(is_negative[:, None], -100)
+
+        return PretrainBatch(
+            region_features=feats, region_positions=positions, region_mask=region_mask,
+            region_class_ids=class_ids, region_class_probs=class_probs,
+            rt_input_ids=rt.input_ids, rt_attention_mask=tag_mask, rt_mlm_labels=rt.mlm_labels,
+            rt_box_positions=box_pos, rt_box_mask=box_mask, rt_region_features=rt.region_features,
+            rt_region_masked=rt.region_masked,
+            text_input_ids=text_ids, text_attention_mask=text_mask, rn_input_ids=rn.input_ids,
+            rn_mlm_labels=rn.mlm_labels, rn_region_features=rn.region_features, rn_region_masked=rn.region_masked,
+            rn_pmrtc_targets=targets,
+            is_input_ids=is_input, is_attention_mask=is_mask, is_mlm_labels=is_labels,
+            itm_labels=(~is_negative).float(),
+            image_index=torch.tensor([it["index"] for it in items], dtype=torch.long),
+            sentence_ids=torch.tensor([it["sentence_id"] for it in items], dtype=torch.long),
+            negative_ids=neg_ids,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic corpus (tests, benchmarks, smoke runs)
+
+SYNTHETIC_CLASSES = ("dog", "cat", "car", "tree", "boat", "horse")
+SYNTHETIC_TEMPLATES = ("a {a} next to a {b}", "the {a} and the {b}", "a photo of a {a} with a {b}")
+SYNTHETIC_TEMPLATES_ONE = ("a photo of a {a}", "the {a} in the picture", "there is a {a} here")
+
+
+def write_synthetic_corpus(out: str | Path, num_images: int = 24, feature_dim: int = 16, regions_per_image: int = 4,
+                           classes: Sequence[str] = SYNTHETIC_CLASSES, seed: int = 0,
+                           with_class_probs: bool = False, objects_per_image: int = 2) -> Path:
+    """Write a tiny corpus in the exact DESIGN.md formats, learnable by construction.
+
+    Each image shows ``objects_per_image`` (1 or 2) object classes; each region's feature is its class
+    prototype plus noise and its tag is the class name. Every class set has 3 sentences naming its
+    classes; an image's top-K are exactly the sentences of its set (K = 3), so a random negative never
+    names all of its objects and ITM is learnable. Phrases are the noun chunks "a dog" etc., matched
+    to the regions of that class with similarity 0.9.
+    """
+    import itertools
+
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    C = len(classes)
+    protos = rng.normal(size=(C, feature_dim)).astype(np.float32)
+    if objects_per_image not in (1, 2):
+        raise ValueError(f"objects_per_image must be 1 or 2, got {objects_per_image}")
+    pairs = list(itertools.combinations(range(C), objects_per_image))
+    templates = SYNTHETIC_TEMPLATES if objects_per_image == 2 else SYNTHETIC_TEMPLATES_ONE
+
+    # sentences: templates x class pairs (both orders of mention)
+    sentences: list[str] = []
+    sent_pair: list[tuple[int, ...]] = []
+    for pair in pairs:
+        for t, template in enumerate(templates):
+            order = pair if t % 2 == 0 else pair[::-1]
+            sentences.append(template.format(a=classes[order[0]], b=classes[order[-1]]))
+            sent_pair.append(tuple(order))
+    (out / "text").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"sentence_id": pa.array(range(len(sentences)), pa.int64()), "text": sentences,
+                             "source": ["synthetic"] * len(sentences)}), out / "text" / "sentences.parquet")
+
+    # regions
+    writer = RegionPartWriter(max_regions=regions_per_image, feature_dim=feature_dim, capacity=num_images,
+                              num_classes=C, store_class_probs=with_class_probs)
+    image_pairs = []
+    for i in range(num_images):
+        pair = pairs[int(rng.integers(len(pairs)))]
+        image_pairs.append(pair)
+        cls = np.array(list(pair) + [int(rng.choice(pair)) for _ in range(regions_per_image - len(pair))],
+                       dtype=np.int32)
+        feats = protos[cls] + 0.3 * rng.normal(size=(regions_per_image, feature_dim)).astype(np.float32)
+        x1 = rng.uniform(0, 50, regions_per_image)
+        y1 = rng.uniform(0, 50, regions_per_image)
+        boxes = np.stack([x1, y1, x1 + rng.uniform(10, 50, regions_per_image),
+                          y1 + rng.uniform(10, 50, regions_per_image)], 1).astype(np.float32)
+        probs = None
+        if with_class_probs:
+            probs = np.full((regions_per_image, C), 0.05 / max(C - 1, 1), dtype=np.float32)
+            probs[np.arange(regions_per_image), cls] = 0.95
+        writer.add(ImageRegions(image_id=f"img{i:04d}", file=f"img{i:04d}.jpg", width=100, height=100, boxes=boxes,
+                                tags=[classes[c] for c in cls], scores=np.ones(regions_per_image, np.float32),
+                                class_ids=cls, features=feats.astype(np.float16), class_probs=probs))
+    part = out / "regions" / "parts" / "part-00000"
+    part.mkdir(parents=True, exist_ok=True)
+    writer.write(part)
+    merge_region_parts(out / "regions")
+    (out / "regions" / "classes.json").write_text(json.dumps({"names": list(classes)}), encoding="utf-8")
+
+    # retrieval: the image's pair's sentences, ranks 0..2
+    rows = []
+    for i, pair in enumerate(image_pairs):
+        own = [s for s, p in enumerate(sent_pair) if set(p) == set(pair)]
+        for rank, sid in enumerate(own):
+            rows.append({"image_id": f"img{i:04d}", "rank": rank, "sentence_id": sid, "score": 0.9 - 0.1 * rank})
+    (out / "retrieval").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("image_id", pa.string()), ("rank", pa.int32()),
+                                                                ("sentence_id", pa.int64()), ("score", pa.float32())])),
+                   out / "retrieval" / "topk.parquet")
+
+    # phrases: "a dog" / "the dog" noun chunks with char and WordPiece spans (class names are one piece)
+    from muvla.encoders import load_wordpiece_tokenizer
+
+    tok = load_wordpiece_tokenizer("default")
+    phrase_rows = []
+    phrase_classes: dict[int, list[int]] = {}
+    for sid, text in enumerate(sentences):
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        chunks, chars, spans, owners = [], [], [], []
+        for c in sent_pair[sid]:
+            name = classes[c]
+            end = text.index(name) + len(name)
+            start = max(text.rfind(" ", 0, text.index(name) - 1) + 1, 0)
+            hit = [j for j, (s, e) in enumerate(offsets) if s < end and e > start]
+            chunks.append(text[start:end])
+            chars.append([start, end])
+            spans.append([hit[0], hit[-1] + 1])
+            owners.append(c)
+        phrase_classes[sid] = owners
+        phrase_rows.append({"sentence_id": sid, "phrases": chunks, "char_spans": chars, "token_spans": spans})
+    (out / "phrases").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(phrase_rows, schema=pa.schema([
+        ("sentence_id", pa.int64()), ("phrases", pa.list_(pa.string())),
+        ("char_spans", pa.list_(pa.list_(pa.int32(), 2))), ("token_spans", pa.list_(pa.list_(pa.int32(), 2)))])),
+        out / "phrases" / "sentence_phrases.parquet")
+    store = RegionStore(out / "regions")
+    match_rows = []
+    for row in rows:
+        reg = store[row["image_id"]]
+        owners = phrase_classes[row["sentence_id"]]
+        rp = [owners.index(int(c)) if int(c) in owners else -1 for c in reg.class_ids]
+        match_rows.append({"image_id": row["image_id"], "rank": row["rank"], "sentence_id": row["sentence_id"],
+                           "region_phrase": rp, "region_sim": [0.9 if p >= 0 else 0.0 for p in rp]})
+    pq.write_table(pa.Table.from_pylist(match_rows, schema=pa.schema([
+        ("image_id", pa.string()), ("rank", pa.int32()), ("sentence_id", pa.int64()),
+        ("region_phrase", pa.list_(pa.int32())), ("region_sim", pa.list_(pa.float32()))])),
+        out / "phrases" / "matches.parquet")
+    return out
