@@ -63,7 +63,7 @@ class DemoConfig:
     k: int = 5  # sentences retrieved per image
     max_regions: int = 16  # regions kept per image
     query_mode: str = "counted"  # official | counted
-    pretrain_steps: int = 80  # pre-training steps on the demo corpus (0 = skip pre-training)
+    pretrain_steps: int = 40  # pre-training steps on the demo corpus (0 = skip pre-training)
     batch_size: int = 8
     lr: float = 1e-4
 
@@ -78,7 +78,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from muvla.corpus import CorpusConfig, run_corpus
 
     start = time.perf_counter()
-    out = Path(cfg.out)
+    out = Path(cfg.out).resolve()
     save_config(cfg, out / "demo", inputs={"images": list(SAMPLE_IMAGES), "corpus": str(demo_captions_path())})
     write_sample_images(out / "images")
     corpus_cfg = CorpusConfig(out=out, images=out / "images", corpus=[demo_captions_path()], k=cfg.k,
@@ -114,7 +114,9 @@ def _pretrain(cfg: DemoConfig, out: Path) -> dict:
                           tensorboard=False)
     pcfg.validate()
     summary = run_pretrain(pcfg)
-    return {key: summary[key] for key in ("steps", "final_loss", "model") if key in summary}
+    train = summary.get("train", {})
+    return {"model": summary.get("model"), "steps": train.get("steps"), "final_loss": train.get("final_loss"),
+            "training_curves": train.get("training_curves")}
 
 
 def _zero_shot(out: Path, model: str, eval_out: Path, name: str) -> dict:

@@ -72,10 +72,25 @@ class Card:
 # ----------------------------------------------------------------------------- images
 
 
+def images_root(run_dir: Path) -> Path | None:
+    """The image folder the regions stage read (recorded in regions/config.yaml), if any."""
+    import yaml
+
+    try:
+        record = yaml.safe_load((run_dir / "regions" / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    images = (record.get("config") or {}).get("images")
+    return Path(images) if images else None
+
+
 def resolve_image(file: str, run_dir: Path) -> Path | None:
-    """The index stores the path as the regions stage saw it: absolute, or relative to cwd or the run."""
+    """The index stores the path relative to the image folder (or absolute); try the likely roots."""
     p = Path(file)
+    root = images_root(run_dir)
     candidates = [p] if p.is_absolute() else [p, run_dir / p, run_dir / "regions" / p]
+    if root is not None and not p.is_absolute():
+        candidates[:0] = [root / p, run_dir / root / p]
     for c in candidates:
         if c.is_file():
             return c
@@ -435,7 +450,7 @@ def write_report(run_dir: Path, out_html: Path | None = None, max_images: int = 
 
     summaries = find_summaries(run_dir)
     if summaries:
-        blocks = "".join(f"<details open><summary><b>{esc(rel)}</b></summary>{_kv_table(flatten(data)[:40])}</details>"
+        blocks = "".join(f"<details><summary><b>{esc(rel)}</b></summary>{_kv_table(flatten(data)[:40])}</details>"
                          for rel, data in summaries)
         overview.append(f'<div><h2>Stage summaries</h2><div class="sums">{blocks}</div></div>')
 
