@@ -81,12 +81,17 @@ def _flag_type(annotation: Any) -> tuple[Callable[[str], Any] | None, bool, bool
 
 def _field_comments(config_cls: type) -> dict[str, str]:
     """Trailing ``# comments`` of the dataclass's field lines: the config's documentation doubles as --help."""
-    try:
-        source = inspect.getsource(config_cls)
-    except (OSError, TypeError):
-        return {}
     pattern = re.compile(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", re.MULTILINE)
-    return {name: text.strip() for name, text in pattern.findall(source)}
+    comments: dict[str, str] = {}
+    for cls in reversed(config_cls.__mro__):  # inherited settings first, subclasses may re-document
+        if not dataclasses.is_dataclass(cls):
+            continue
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        comments.update((name, text.strip()) for name, text in pattern.findall(source))
+    return comments
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type, positional: str | None) -> list[str]:
@@ -94,7 +99,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_cls: type, positio
     hints = typing.get_type_hints(config_cls)
     comments = _field_comments(config_cls)
     names = []
-    for f in dataclasses.fields(config_cls):
+    # the stage's own fields first, inherited keyword-only settings (e.g. the trainer's) after them
+    for f in sorted(dataclasses.fields(config_cls), key=lambda f: bool(f.kw_only)):
         conv, is_list, is_bool = _flag_type(hints[f.name])
         if conv is None and not is_bool:
             continue

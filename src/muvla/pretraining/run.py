@@ -25,7 +25,7 @@ import torch
 from muvla.model import Model, ModelConfig
 from muvla.pretraining.distributed import barrier, init_distributed
 from muvla.pretraining.objectives import ITM_WEIGHTS, TASKS
-from muvla.pretraining.trainer import TrainConfig, Trainer
+from muvla.pretraining.trainer import TrainConfig, Trainer, TrainerSettings
 from muvla.utils.config import ConfigError, save_config, to_dict
 from muvla.utils.shards import atomic_file
 
@@ -35,8 +35,8 @@ PRETRAIN_MODES = ("muvla", "round_robin", "base")
 
 
 @dataclass
-class PretrainConfig:
-    """Pre-training run. Flat fields so that the CLI gets one flag per setting."""
+class PretrainConfig(TrainerSettings):
+    """Pre-training run; the trainer's settings are inherited flat, so the CLI has one flag per setting."""
 
     out: Path
     corpus: Path | None = None  # corpus folder (regions/, text/, retrieval/, phrases/); not needed for base
@@ -53,26 +53,6 @@ class PretrainConfig:
     max_regions: int = 50
     retrieval: Path | None = None  # override <corpus>/retrieval (baseline pairings from `muvla pairs`)
     phrases: Path | None = None  # override <corpus>/phrases
-    # trainer
-    max_steps: int = 0
-    epochs: int = 1
-    batch_size: int = 32  # per process
-    grad_accum: int = 1
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 5.0
-    precision: str = "auto"
-    device: str = "auto"
-    seed: int = 42
-    log_every: int = 10
-    save_every: int = 1000
-    keep_checkpoints: int = 3
-    num_workers: int = 0
-    resume: bool = False
-    tensorboard: bool = True
-    plot: bool = True
-
     def validate(self) -> None:
         if self.mode not in PRETRAIN_MODES:
             raise ConfigError(f"pretrain: mode must be one of {PRETRAIN_MODES}, got {self.mode!r}")
@@ -105,16 +85,9 @@ class PretrainConfig:
         self.train_config().validate()
 
     def train_config(self) -> TrainConfig:
-        """The Trainer's settings, taken from the flat fields."""
-        return TrainConfig(
-            out=Path(self.out), max_steps=self.max_steps, epochs=self.epochs, batch_size=self.batch_size,
-            grad_accum=self.grad_accum, lr=self.lr, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
-            max_grad_norm=self.max_grad_norm, precision=self.precision, device=self.device, seed=self.seed,
-            log_every=self.log_every, save_every=self.save_every, keep_checkpoints=self.keep_checkpoints,
-            num_workers=self.num_workers, resume=self.resume, tensorboard=self.tensorboard, plot=self.plot,
-            # round robin and task subsets leave some heads without gradient in a step
-            find_unused_parameters=self.mode == "round_robin" or set(self.tasks) != set(TASKS),
-        )
+        """The Trainer's settings; round robin and task subsets leave some heads without gradient."""
+        unused = self.find_unused_parameters or self.mode == "round_robin" or set(self.tasks) != set(TASKS)
+        return super().train_config(self.out, find_unused_parameters=unused)
 
 
 def build_model(cfg: PretrainConfig, feature_dim: int | None, num_classes: int | None) -> Model:

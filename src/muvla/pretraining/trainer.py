@@ -63,11 +63,14 @@ CHECKPOINT_FILES = ("model.pt", "trainer.pt", "meta.json")
 # config and step protocol
 
 
-@dataclass
-class TrainConfig:
-    """Optimisation and bookkeeping settings (defaults follow the paper's reference configs)."""
+@dataclass(kw_only=True)
+class TrainerSettings:
+    """Optimisation and bookkeeping settings (defaults follow the paper's reference configs).
 
-    out: Path  # run folder: metrics.jsonl, tensorboard/, checkpoints/, training_curves.png
+    Pre-training and fine-tuning configs inherit these fields, so every setting is one CLI flag there
+    too; ``train_config(out)`` turns them into the :class:`TrainConfig` the trainer takes.
+    """
+
     max_steps: int = 0  # optimizer steps; > 0 wins over epochs
     epochs: int = 1
     batch_size: int = 32  # per rank and per micro-step
@@ -88,8 +91,19 @@ class TrainConfig:
     drop_last: bool = False  # drop each rank's last partial batch of an epoch
     find_unused_parameters: bool = False  # DDP: needed when a step leaves some heads unused
     tensorboard: bool = True
-    resume: bool = False
+    resume: bool = False  # continue from the newest complete checkpoint in out
     plot: bool = True  # write <out>/training_curves.png at the end
+
+    def train_config(self, out: str | Path, **overrides: Any) -> TrainConfig:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainerSettings)}
+        return TrainConfig(out=Path(out), **{**values, **overrides})
+
+
+@dataclass
+class TrainConfig(TrainerSettings):
+    """What the trainer runs with: the settings plus the run folder."""
+
+    out: Path  # run folder: metrics.jsonl, tensorboard/, checkpoints/, training_curves.png
 
     def validate(self) -> None:
         if self.max_steps < 0:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from muvla.pretraining.trainer import TrainConfig, Trainer
+from muvla.pretraining.trainer import TrainConfig, Trainer, TrainerSettings
 from muvla.regions.store import RegionStore
 from muvla.tasks.data import AnswerVocab, LoadReport
 from muvla.tasks.datasets import TaskCollator, build_dataset
@@ -45,14 +45,8 @@ from muvla.utils.shards import atomic_file
 
 logger = logging.getLogger(__name__)
 
-# Trainer settings copied one to one from FinetuneConfig.
-_TRAIN_FIELDS = ("max_steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio",
-                 "max_grad_norm", "precision", "device", "seed", "log_every", "save_every", "keep_checkpoints",
-                 "num_workers", "tensorboard", "resume", "plot", "find_unused_parameters")
-
-
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TrainerSettings):
     """``muvla finetune`` settings; trainer fields are flat (CLI flags), defaults are small CPU values.
     The paper's values are in configs/finetune/*_reference.yaml."""
 
@@ -67,25 +61,11 @@ class FinetuneConfig:
     val: list[Path] = field(default_factory=list)
     train_split: str = "train"  # RefCOCO+ split names inside the refer files
     val_split: str = "val"
-    max_steps: int = 0
-    epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 5.0
-    precision: str = "auto"
-    device: str = "auto"
-    seed: int = 42
-    log_every: int = 10
-    save_every: int = 1000
-    keep_checkpoints: int = 2
-    num_workers: int = 0
-    tensorboard: bool = False
-    resume: bool = False
-    plot: bool = True
-    find_unused_parameters: bool = True  # the MLM/MRC/MRFR pre-training heads get no gradient
+    # trainer settings are inherited (TrainerSettings); these defaults differ for small fine-tuning runs
+    batch_size: int = field(default=8, kw_only=True)
+    keep_checkpoints: int = field(default=2, kw_only=True)
+    tensorboard: bool = field(default=False, kw_only=True)
+    find_unused_parameters: bool = field(default=True, kw_only=True)  # pre-training heads get no gradient
     max_text_len: int = 40
     head_dropout: float = 0.1
     n_negatives: int = 1  # retrieval fine-tuning: random negative captions per positive
@@ -119,7 +99,7 @@ class FinetuneConfig:
         self.train_config().validate()
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(out=Path(self.out), **{k: getattr(self, k) for k in _TRAIN_FIELDS})
+        return super().train_config(self.out)
 
 
 def _answer_vocab(cfg: FinetuneConfig, out: Path) -> tuple[AnswerVocab, Path]:
