@@ -7,7 +7,6 @@ most are unrelated), so retrieval has to find the right ones.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -82,8 +81,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     save_config(cfg, out / "demo", inputs={"images": list(SAMPLE_IMAGES), "corpus": str(demo_captions_path())})
     write_sample_images(out / "images")
     corpus_cfg = CorpusConfig(out=out, images=out / "images", corpus=[demo_captions_path()], k=cfg.k,
-                              query_mode=cfg.query_mode, regions={"max_regions": cfg.max_regions})
-    corpus_cfg = dataclasses.replace(corpus_cfg, report=False)
+                              query_mode=cfg.query_mode, regions={"max_regions": cfg.max_regions}, report=False)
     result = run_corpus(corpus_cfg)
     if cfg.pretrain_steps:
         result["pretrain"] = _pretrain(cfg, out)
@@ -92,12 +90,19 @@ def run_demo(cfg: DemoConfig) -> dict:
             "muvla demo": _zero_shot(out, str(out / "pretrain" / "model"), out / "evaluation" / "retrieval_muvla",
                                      "muvla"),
         }
+        from muvla.tasks.table import run_table
+
+        table = run_table(sorted((out / "evaluation").glob("retrieval_*/results.json")), out / "evaluation")
+        result["table"] = table["files"]
+        result["table_markdown"] = table["markdown"]
     from muvla.report.html import write_report
 
     result["report"] = str(write_report(out))
     result["seconds"] = round(time.perf_counter() - start, 1)
     for name, metrics in result.get("zero_shot_retrieval", {}).items():
         print(f"zero-shot retrieval, {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    if "table_markdown" in result:
+        print(result.pop("table_markdown"), end="")
     print(f"muvla demo finished in {result['seconds']}s. Open the report: {result['report']}")
     return result
 

@@ -1,0 +1,41 @@
+"""`muvla demo` (what `make demo` runs) end to end, with a tiny pre-training so it stays quick."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from muvla.demo import SAMPLE_IMAGES, DemoConfig, demo_eval_captions_path, run_demo, write_sample_images
+from muvla.tasks.data import load_coco_captions
+
+
+def test_sample_images_are_written_once(tmp_path: Path) -> None:
+    paths = write_sample_images(tmp_path, ("chelsea", "horse"))
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    assert write_sample_images(tmp_path, ("chelsea", "horse")) == paths
+    assert [p.stat().st_mtime_ns for p in paths] == stamps
+
+
+def test_held_out_captions_name_the_sample_images_by_file_stem() -> None:
+    examples, report = load_coco_captions(demo_eval_captions_path())
+    assert report.kept == len(examples) > 0
+    assert {ex.image_id for ex in examples} == set(SAMPLE_IMAGES)
+    corpus = (Path(demo_eval_captions_path()).parent / "demo_captions.txt").read_text(encoding="utf-8").lower()
+    assert not any(ex.caption.lower() in corpus for ex in examples)  # held out: not in the training text
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_reports(tmp_path: Path) -> None:
+    result = run_demo(DemoConfig(out=tmp_path / "demo", max_regions=4, pretrain_steps=2, batch_size=4))
+    out = tmp_path / "demo"
+    for marker in ("regions/index.parquet", "retrieval/topk.parquet", "phrases/matches.parquet",
+                   "pretrain/model/model.safetensors", "pretrain/metrics.jsonl", "evaluation/table.md"):
+        assert (out / marker).exists(), marker
+    scores = result["zero_shot_retrieval"]
+    assert set(scores) == {"base (no pre-training)", "muvla demo"}
+    assert all(0.0 <= v <= 1.0 for metrics in scores.values() for v in metrics.values())
+    page = Path(result["report"]).read_text(encoding="utf-8")
+    assert "Evaluation" in page and "training curves" in page and "chelsea" in page
+    assert json.loads((out / "evaluation" / "retrieval_muvla" / "summary.json").read_text())["task"] == "retrieval"
