@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import inspect
 import json
+import os
 import re
 import sys
 import types
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ReportError, FileNotFoundError) as err:
         print(f"muvla {args.command}: error: {err}", file=sys.stderr)
         return 2
-    if summary is not None:
+    if summary is not None and int(os.environ.get("RANK", 0)) == 0:  # under torchrun: once, not per rank
         print(json.dumps(summary, indent=2, default=str))
         if isinstance(summary, dict) and summary.get("report"):
             print(f"report: {summary['report']}")
