@@ -52,6 +52,7 @@ class RetrievalConfig:
     encode_batch_size: int = 128
     unit_size: int = 20_000
     query_batch_size: int = 500
+    min_tag_score: float = 0.0  # leave region tags scored below this out of the query (the best tag always stays)
     exclude_sentence_ids: Path | None = None  # text file, one sentence id per line (e.g. the images' own captions)
     device: str = "cpu"
     shard: int | None = None
@@ -65,6 +66,8 @@ class RetrievalConfig:
         for name in ("nprobe", "train_size", "encode_batch_size", "unit_size", "query_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"retrieval: {name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.min_tag_score <= 1.0:
+            raise ConfigError(f"retrieval: min_tag_score must be in [0, 1], got {self.min_tag_score}")
         if not self.index.strip():
             raise ConfigError("retrieval: index must be a faiss index-factory string such as 'Flat'")
         if not (Path(self.text) / "sentences.parquet").exists():
@@ -83,6 +86,29 @@ def region_index_path(regions: Path) -> Path:
     """The merged region index: ``<regions>/index.parquet`` (or the parquet file itself)."""
     regions = Path(regions)
     return regions if regions.suffix == ".parquet" else regions / "index.parquet"
+
+
+def confident_region_tags(regions: Path, min_score: float) -> tuple[list[str], list[list[str]]]:
+    """Like :func:`read_region_tags`, keeping only tags whose region score is >= ``min_score``.
+
+    WHY: a weak detector (our offline ImageNet-on-crops default) labels many crops with unrelated
+    classes; those tags pull the query away from the image. The best-scored tag always stays so no
+    image loses its query. ``min_score <= 0`` keeps every tag (the reference recipe).
+    """
+    if min_score <= 0:
+        return read_region_tags(regions)
+    from muvla.regions.store import RegionStore
+
+    ids: list[str] = []
+    kept: list[list[str]] = []
+    for image in RegionStore(Path(regions)):
+        scores = np.asarray(image.scores, dtype=np.float32)
+        keep = [t for t, sc in zip(image.tags, scores) if sc >= min_score and t]
+        if not keep and len(scores):
+            keep = [image.tags[int(np.argmax(scores))]]
+        ids.append(str(image.image_id))
+        kept.append([t for t in keep if t])
+    return ids, kept
 
 
 def read_region_tags(regions: Path) -> tuple[list[str], list[list[str]]]:
@@ -274,7 +300,7 @@ def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
     set_search_params(index, cfg.nprobe, cfg.k)
 
     # Queries: one per image with usable tags; identical strings are encoded and searched once.
-    image_ids, image_tags = read_region_tags(cfg.regions)
+    image_ids, image_tags = confident_region_tags(cfg.regions, cfg.min_tag_score)
     queries: list[str] = []
     query_images: list[str] = []
     skipped: list[dict[str, str]] = []
