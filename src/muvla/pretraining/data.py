@@ -143,7 +143,7 @@ class PretrainCorpus:
             if image_id not in self.store:
                 self.skipped["image_not_in_region_store"] += 1
                 continue
-            n = self.store_num_regions(image_id)
+            n = self.store.num_regions(image_id)
             if n == 0:
                 self.skipped["image_without_regions"] += 1
                 continue
@@ -164,11 +164,6 @@ class PretrainCorpus:
         self.pool_index = {int(s): i for i, s in enumerate(self.pool)}
         self.max_k = max((len(s) for s in self.image_sentences), default=0)
         self._tag_cache: dict[str, list[int]] = {}
-
-    def store_num_regions(self, image_id: str) -> int:
-        """Real region count from the index (no array read)."""
-        key = self.store._resolve(image_id)
-        return int(self.store._index["num_regions"][self.store._pos[key]])
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -266,6 +266,11 @@ class RegionStore:
             return self._int_ids.get(int(image_id))
         return None
 
+    def num_regions(self, image_id: str | int) -> int:
+        """Real region count from the index, without touching the arrays (0 for an unknown image)."""
+        key = self._resolve(image_id)
+        return 0 if key is None else int(self._index["num_regions"][self._pos[key]])
+
     def find(self, image_id: str | int) -> ImageRegions | None:
         """Regions of ``image_id`` (str, or int COCO id matching a zero-padded digit stem), else None."""
         key = self._resolve(image_id)

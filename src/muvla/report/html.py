@@ -72,26 +72,26 @@ class Card:
 # ----------------------------------------------------------------------------- images
 
 
-def images_root(run_dir: Path) -> Path | None:
-    """The image folder the regions stage read (recorded in regions/config.yaml), if any."""
+def image_search_roots(run_dir: Path) -> list[Path]:
+    """Folders an index ``file`` may be relative to, best first: the image folder the regions stage
+    read (recorded in regions/config.yaml, as given or relative to the run), the cwd, the run."""
     import yaml
 
+    roots: list[Path] = []
     try:
         record = yaml.safe_load((run_dir / "regions" / "config.yaml").read_text(encoding="utf-8")) or {}
+        images = (record.get("config") or {}).get("images")
     except (OSError, yaml.YAMLError):
-        return None
-    images = (record.get("config") or {}).get("images")
-    return Path(images) if images else None
+        images = None
+    if images:
+        roots += [Path(images), run_dir / images]
+    return roots + [Path("."), run_dir, run_dir / "regions"]
 
 
-def resolve_image(file: str, run_dir: Path) -> Path | None:
-    """The index stores the path relative to the image folder (or absolute); try the likely roots."""
+def resolve_image(file: str, roots: list[Path]) -> Path | None:
+    """The index stores the path relative to the image folder (or absolute)."""
     p = Path(file)
-    root = images_root(run_dir)
-    candidates = [p] if p.is_absolute() else [p, run_dir / p, run_dir / "regions" / p]
-    if root is not None and not p.is_absolute():
-        candidates[:0] = [root / p, run_dir / root / p]
-    for c in candidates:
+    for c in ([p] if p.is_absolute() else [root / p for root in roots]):
         if c.is_file():
             return c
     return None
@@ -117,7 +117,7 @@ def region_label(entry: ImageEntry, i: int) -> str:
     return f"region {i}"
 
 
-def render_scene(card: Card, run_dir: Path) -> str:
+def render_scene(card: Card, image_roots: list[Path]) -> str:
     """SVG in the image's pixel coordinates: the thumbnail stretched to W x H, boxes on top."""
     entry = card.entry
     if entry is None:
@@ -125,7 +125,7 @@ def render_scene(card: Card, run_dir: Path) -> str:
                 '<text x="200" y="155" text-anchor="middle" class="miss">regions stage not run</text></svg>')
     w, h = max(entry.width, 1), max(entry.height, 1)
     parts = [f'<svg class="scene" viewBox="0 0 {w} {h}" data-card="{card.index}">']
-    path = resolve_image(entry.file, run_dir)
+    path = resolve_image(entry.file, image_roots)
     uri = None
     if path is not None:
         try:
@@ -428,6 +428,7 @@ def write_report(run_dir: Path, out_html: Path | None = None, max_images: int = 
                       else '<p class="notrun">metrics.jsonl has no numeric series</p>') + note
 
     evaluation_html = render_evaluations(run_dir)
+    image_roots = image_search_roots(run_dir)
 
     # --- assemble
     body: list[str] = []
@@ -479,7 +480,7 @@ def write_report(run_dir: Path, out_html: Path | None = None, max_images: int = 
     if not cards:
         body.append('<p class="notrun">no images: regions and retrieval not run</p>')
     for card in cards:
-        body.append(render_card(card, run_dir, sentences, phrases, matches,
+        body.append(render_card(card, image_roots, sentences, phrases, matches,
                                 text_ran=n_sentences is not None, retrieval_ran=topk_path.is_file(),
                                 phrases_ran=phrases_dir.is_dir()))
     body.append("</section></main>")
@@ -516,10 +517,10 @@ def render_evaluations(run_dir: Path) -> str:
             + "".join(figures))
 
 
-def render_card(card: Card, run_dir: Path, sentences: dict[int, tuple[str, str]],
+def render_card(card: Card, image_roots: list[Path], sentences: dict[int, tuple[str, str]],
                 phrases: dict[int, SentencePhrases], matches: dict[tuple[str, int], MatchRow],
                 text_ran: bool, retrieval_ran: bool, phrases_ran: bool) -> str:
-    scene = render_scene(card, run_dir)
+    scene = render_scene(card, image_roots)
     chips = ""
     if card.entry is not None and card.regions is not None:
         chips = "".join(
