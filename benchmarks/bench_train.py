@@ -215,13 +215,9 @@ def bench_size(name: str, args: argparse.Namespace, device: torch.device) -> dic
 
 
 def bench_loader(args: argparse.Namespace) -> dict:
+    from muvla.corpus.synthetic import write_synthetic_corpus
     from muvla.encoders import load_wordpiece_tokenizer
-    from muvla.pretraining.data import (
-        PretrainCollator,
-        PretrainCorpus,
-        PretrainDataset,
-        write_synthetic_corpus,
-    )
+    from muvla.pretraining.data import PretrainCollator, PretrainCorpus, PretrainDataset
 
     with tempfile.TemporaryDirectory() as tmp:
         root = write_synthetic_corpus(Path(tmp) / "corpus", num_images=max(args.batch * 4, 64),

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from muvla.corpus.regions import ImageRegions, RegionPartWriter, merge_region_parts
 from muvla.encoders import default_sbert_path
 from muvla.model import Model, ModelConfig
-from muvla.regions.store import ImageRegions, RegionPartWriter, merge_region_parts
 
 FEATURE_DIM = 16
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from muvla.pretraining.data import write_synthetic_corpus
+from muvla.corpus.synthetic import write_synthetic_corpus
 
 # a model small enough for hundreds of CPU steps, with the real WordPiece vocabulary
 TINY_MODEL: dict[str, Any] = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,

@@ -66,7 +66,7 @@ def test_unknown_yaml_key_is_rejected(tmp_path: Path) -> None:
 
 
 def test_dotted_set_reaches_nested_stage_sections() -> None:
-    from muvla.corpus import CorpusConfig
+    from muvla.corpus.build import CorpusConfig
 
     cfg = load_config(CorpusConfig, None, {"out": "o", "corpus": ["c.txt"], "regions.max_regions": 10})
     assert cfg.regions == {"max_regions": 10}

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from muvla.corpus import CorpusConfig, run_corpus
+from muvla.corpus.build import CorpusConfig, run_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from finetune_helpers import grid_boxes, tiny_model_dir, torch_threads, write_json, write_jsonl, write_store
+from muvla.corpus.regions import RegionStore
 from muvla.encoders import load_wordpiece_tokenizer
 from muvla.model import Model
-from muvla.regions.store import RegionStore
 from muvla.tasks.data import AnswerVocab, CaptionExample, NLVR2Example, RefExample, SNLIVEExample, VQAExample
 from muvla.tasks.datasets import (
     NLVR2Dataset,

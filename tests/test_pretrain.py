@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import pretrain_fixtures
+from muvla.corpus.regions import ImageRegions, RegionPartWriter, merge_region_parts
 from muvla.encoders import load_wordpiece_tokenizer
 from muvla.model import Model, ModelConfig
 from muvla.pretraining.data import (
@@ -24,7 +25,6 @@ from muvla.pretraining.data import (
 from muvla.pretraining.masking import REGIONS, TEXT
 from muvla.pretraining.objectives import PretrainObjectives
 from muvla.pretraining.run import PretrainConfig, run_pretrain
-from muvla.regions.store import ImageRegions, RegionPartWriter, merge_region_parts
 from muvla.utils.config import ConfigError, load_config
 from pretrain_fixtures import TINY_MODEL, tiny_run_overrides
 

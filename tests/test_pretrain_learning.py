@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from muvla.corpus.synthetic import write_synthetic_corpus
 from muvla.encoders import load_wordpiece_tokenizer
 from muvla.model import Model, ModelConfig
-from muvla.pretraining.data import PretrainCollator, PretrainCorpus, PretrainDataset, write_synthetic_corpus
+from muvla.pretraining.data import PretrainCollator, PretrainCorpus, PretrainDataset
 from muvla.pretraining.objectives import PretrainObjectives, fresh_itm_path, init_itm_path
 from muvla.pretraining.run import PretrainConfig, run_pretrain
 from muvla.utils.config import load_config

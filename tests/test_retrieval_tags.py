@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from muvla.regions.store import ImageRegions, RegionPartWriter, merge_region_parts
+from muvla.corpus.regions import ImageRegions, RegionPartWriter, merge_region_parts
 from muvla.retrieval.stage import confident_region_tags, read_region_tags
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from muvla.pretraining.plots import plot_training_curves, read_metrics
-from muvla.pretraining.trainer import (
+from muvla.training.plots import plot_training_curves, read_metrics
+from muvla.training.trainer import (
     ResumableDistributedSampler,
     StepOutput,
     TrainConfig,
@@ -308,7 +308,7 @@ def test_resume_with_more_steps_and_changed_batch(tmp_path):
 def test_move_to_device_keeps_structure():
     from dataclasses import dataclass as dc
 
-    from muvla.pretraining.trainer import move_to_device
+    from muvla.training.trainer import move_to_device
 
     @dc(frozen=True)
     class Batch:

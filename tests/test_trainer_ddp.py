@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from dist_utils import kill_group, run_ranks, run_torchrun, start_torchrun
-from muvla.pretraining.plots import read_metrics
-from muvla.pretraining.trainer import TrainConfig, Trainer
+from muvla.training.plots import read_metrics
+from muvla.training.trainer import TrainConfig, Trainer
 from trainer_toy import ToyCollate, ToyDataset, flat_params, make_model
 
 SCRIPT = '''
 import json, os, sys
 import torch
-from muvla.pretraining.distributed import cleanup_distributed, get_rank
-from muvla.pretraining.trainer import Trainer, TrainConfig
+from muvla.training.distributed import cleanup_distributed, get_rank
+from muvla.training.trainer import Trainer, TrainConfig
 from trainer_toy import ToyCollate, ToyDataset, flat_params, make_model
 
 torch.set_num_threads(1)

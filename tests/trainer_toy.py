@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from muvla.pretraining.trainer import StepOutput
+from muvla.training.trainer import StepOutput
 
 
 class ToyDataset(Dataset):

@@ -51,7 +51,7 @@ STAGES = [
     StageCommand("phrases", "extract noun phrases of retrieved sentences and match them to regions",
                  "muvla.phrases.stage", "PhrasesConfig", "run_phrases"),
     StageCommand("corpus", "build the weakly-aligned corpus: regions, text, retrieve, phrases, report",
-                 "muvla.corpus", "CorpusConfig", "run_corpus"),
+                 "muvla.corpus.build", "CorpusConfig", "run_corpus"),
     StageCommand("pretrain", "pre-train the single-stream model on a corpus (R-T, R-N, I-S; ITM curriculum)",
                  "muvla.pretraining.run", "PretrainConfig", "run_pretrain"),
     StageCommand("finetune", "fine-tune a model folder on VQA, NLVR2, SNLI-VE, RefCOCO+ or retrieval",

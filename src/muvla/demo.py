@@ -74,7 +74,7 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from muvla.corpus import CorpusConfig, run_corpus
+    from muvla.corpus.build import CorpusConfig, run_corpus
 
     start = time.perf_counter()
     out = Path(cfg.out).resolve()

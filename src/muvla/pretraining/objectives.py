@@ -48,7 +48,7 @@ from torch import nn
 
 from muvla.model import ITMLoss, MLMLoss, Model, MRCLoss, MRFRLoss, PMRTCLoss
 from muvla.pretraining.data import PretrainBatch
-from muvla.pretraining.trainer import StepOutput
+from muvla.training import StepOutput
 
 TASKS = ("rt", "rn", "is")
 MODES = ("muvla", "round_robin")

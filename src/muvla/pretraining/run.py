@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from muvla.model import Model, ModelConfig
-from muvla.pretraining.distributed import barrier, init_distributed
 from muvla.pretraining.objectives import ITM_WEIGHTS, TASKS
-from muvla.pretraining.trainer import TrainConfig, Trainer, TrainerSettings
+from muvla.training import TrainConfig, Trainer, TrainerSettings
+from muvla.training.distributed import barrier, init_distributed
 from muvla.utils.config import ConfigError, save_config, to_dict
 from muvla.utils.shards import atomic_file
 
@@ -130,7 +130,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     corpus = None
     feature_dim = num_classes = None
     if cfg.corpus is not None:
-        from muvla.regions.store import RegionStore
+        from muvla.corpus.regions import RegionStore
 
         store = RegionStore(Path(cfg.corpus) / "regions")
         feature_dim, num_classes = store.feature_dim, _num_classes(store)

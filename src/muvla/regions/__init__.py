@@ -1,5 +1,6 @@
 """Regions stage (METHOD.md §1): per image, up to N boxes with tags, scores and features."""
 
+from muvla.corpus.regions import ImageRegions, RegionPartWriter, RegionStore, merge_region_parts
 from muvla.regions.detector import (
     ButdBackend,
     CocoInstancesBackend,
@@ -19,7 +20,6 @@ from muvla.regions.efficientnet import (
 from muvla.regions.images import IMAGE_EXTENSIONS, RejectedImage, list_images, load_rgb
 from muvla.regions.proposals import ProposalConfig, box_area, box_iou, nms, propose_boxes
 from muvla.regions.stage import BACKENDS, RegionsConfig, build_backend, run_regions
-from muvla.regions.store import ImageRegions, RegionPartWriter, RegionStore, merge_region_parts
 
 __all__ = [
     "BACKENDS",

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from muvla.corpus.regions import ImageRegions
 from muvla.regions.efficientnet import EfficientNetLite0, imagenet_tags, load_lite0, preprocess
 from muvla.regions.images import RejectedImage, list_images, load_rgb
 from muvla.regions.proposals import ProposalConfig, box_area, nms, propose_boxes, whole_image_box
-from muvla.regions.store import ImageRegions
 
 VINVL_FEATURE_DIM = 2048
 BUTD_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from muvla.corpus.regions import RegionPartWriter, merge_region_parts, read_rejected
 from muvla.regions.detector import (
     ButdBackend,
     CocoInstancesBackend,
@@ -28,7 +29,6 @@ from muvla.regions.detector import (
 )
 from muvla.regions.images import RejectedImage
 from muvla.regions.proposals import ProposalConfig
-from muvla.regions.store import RegionPartWriter, merge_region_parts, read_rejected
 from muvla.utils.config import ConfigError, save_config
 from muvla.utils.progress import progress
 from muvla.utils.shards import atomic_dir, atomic_file, clean_stale_tmp, resolve_shard, unit_name, unit_ranges

@@ -97,7 +97,7 @@ def confident_region_tags(regions: Path, min_score: float) -> tuple[list[str], l
     """
     if min_score <= 0:
         return read_region_tags(regions)
-    from muvla.regions.store import RegionStore
+    from muvla.corpus.regions import RegionStore
 
     ids: list[str] = []
     kept: list[list[str]] = []

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from muvla.regions.store import ImageRegions, RegionStore
+from muvla.corpus.regions import ImageRegions, RegionStore
 from muvla.tasks.data import CaptionExample, NLVR2Example, RefExample, SNLIVEExample, VQAExample
 from muvla.tasks.metrics import box_iou
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from muvla.regions.store import RegionStore
+from muvla.corpus.regions import RegionStore
 from muvla.tasks.data import (
     NO_REGIONS,
     AnswerVocab,
@@ -137,7 +137,7 @@ def tokenizer_source(model: str | Path) -> str:
 def predict_dataset(model: TaskModel, dataset: Dataset, collator: TaskCollator, batch_size: int,
                     device: torch.device, desc: str = "predict") -> tuple[list[Any], list[Any], list[np.ndarray]]:
     """(keys, predictions, region boxes of each item's first row) over ``dataset`` in order."""
-    from muvla.pretraining.trainer import move_to_device
+    from muvla.training import move_to_device
 
     model.eval()
     keys: list[Any] = []

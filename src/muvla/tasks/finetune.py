@@ -22,8 +22,7 @@ from typing import Any
 
 import torch
 
-from muvla.pretraining.trainer import TrainConfig, Trainer, TrainerSettings
-from muvla.regions.store import RegionStore
+from muvla.corpus.regions import RegionStore
 from muvla.tasks.data import AnswerVocab, LoadReport
 from muvla.tasks.datasets import TaskCollator, build_dataset
 from muvla.tasks.evaluate import (
@@ -40,6 +39,7 @@ from muvla.tasks.evaluate import (
 )
 from muvla.tasks.heads import ANSWER_VOCAB_FILE, TaskModel, canonical_task, load_encoder
 from muvla.tasks.metrics import retrieval_recall
+from muvla.training import TrainConfig, Trainer, TrainerSettings
 from muvla.utils.config import ConfigError, save_config
 from muvla.utils.shards import atomic_file
 

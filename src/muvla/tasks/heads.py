@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from muvla.model import Model
-from muvla.pretraining.trainer import StepOutput
+from muvla.training import StepOutput
 from muvla.utils.shards import atomic_file
 
 TASKS: tuple[str, ...] = ("vqa", "nlvr2", "snli_ve", "refcoco+", "retrieval")

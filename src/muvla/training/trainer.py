@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from muvla.pretraining.distributed import (
+from muvla.training.distributed import (
     DistInfo,
     all_gather_object,
     all_reduce_sum,
@@ -760,7 +760,7 @@ class Trainer:
 
         plot_path = None
         if self.dist.is_main and cfg.plot and (self.out / "metrics.jsonl").stat().st_size > 0:
-            from muvla.pretraining.plots import plot_training_curves
+            from muvla.training.plots import plot_training_curves
 
             plot_path = plot_training_curves(self.out / "metrics.jsonl", self.out / "training_curves.png")
         elapsed = time.perf_counter() - t_start

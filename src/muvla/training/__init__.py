@@ -1,0 +1,12 @@
+"""The shared training engine: pre-training and fine-tuning both sit on top of it.
+
+``Trainer`` runs any model whose ``forward(batch)`` returns a :class:`StepOutput`: AdamW with
+warm-up/decay, accumulation, clipping, mixed precision, DDP under torchrun, atomic checkpoints and
+exact resume. Neither ``muvla.pretraining`` nor ``muvla.tasks`` is imported from here.
+"""
+
+from muvla.training.distributed import DistInfo, init_distributed
+from muvla.training.trainer import StepOutput, TrainConfig, Trainer, TrainerSettings, move_to_device
+
+__all__ = ["DistInfo", "StepOutput", "TrainConfig", "Trainer", "TrainerSettings", "init_distributed",
+           "move_to_device"]
