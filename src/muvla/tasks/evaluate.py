@@ -52,6 +52,7 @@ from muvla.tasks.metrics import (
     write_vqa_predictions,
 )
 from muvla.tasks.table import HEADLINE
+from muvla.training.distributed import pick_device
 from muvla.utils.config import ConfigError, save_config
 from muvla.utils.progress import progress
 from muvla.utils.shards import atomic_file
@@ -64,14 +65,6 @@ PREDICTION_SUFFIX = {"vqa": ".json", "nlvr2": ".csv", "snli_ve": ".jsonl", "refc
 # --------------------------------------------------------------------------------------------
 # shared helpers (also used by finetune)
 # --------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but no CUDA device is available")
-    return torch.device(device)
 
 
 def merge_reports(reports: Sequence[LoadReport]) -> LoadReport:
@@ -418,7 +411,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     task = cfg.task
     results_path, folder = output_paths(cfg.out, task, cfg.split)
     folder.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device)
     regions_root = cfg.regions if cfg.regions is not None else _build_regions(cfg, folder)
     store = RegionStore(regions_root)
     model = load_task_model(cfg.model, task, store.feature_dim).to(device)

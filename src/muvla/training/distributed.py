@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from muvla.utils.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -35,13 +37,22 @@ class DistInfo:
         return self.world > 1
 
 
-def _pick_device(local_rank: int, device: str) -> torch.device:
-    """'auto' = this rank's GPU when CUDA exists, else CPU; 'cpu'/'cuda' force the choice."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def pick_device(device: str = "auto", local_rank: int | None = None) -> torch.device:
+    """'auto' = this rank's GPU when CUDA exists, else CPU; 'cpu'/'cuda' force the choice.
+
+    The one place that decides the device, for training, evaluation and inference alike;
+    ``local_rank`` defaults to torchrun's LOCAL_RANK.
+    """
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was requested but CUDA is not available")
+        raise ConfigError("device 'cuda' was requested but CUDA is not available")
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -52,7 +63,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     """Join the torchrun process group if there is one (idempotent) and pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    dev = _pick_device(local_rank, device)
+    dev = pick_device(device, local_rank)
     if world <= 1:
         return DistInfo(rank=0, world=1, local_rank=0, device=dev, backend=None)
     if not dist.is_initialized():
