@@ -14,14 +14,10 @@ import torch
 
 import pretrain_fixtures
 from muvla.corpus.regions import ImageRegions, RegionPartWriter, merge_region_parts
+from muvla.corpus.synthetic import write_synthetic_corpus
 from muvla.encoders import load_wordpiece_tokenizer
 from muvla.model import Model, ModelConfig
-from muvla.pretraining.data import (
-    PretrainCollator,
-    PretrainCorpus,
-    PretrainDataset,
-    write_synthetic_corpus,
-)
+from muvla.pretraining.data import PretrainCollator, PretrainCorpus, PretrainDataset
 from muvla.pretraining.masking import REGIONS, TEXT
 from muvla.pretraining.objectives import PretrainObjectives
 from muvla.pretraining.run import PretrainConfig, run_pretrain
