@@ -7,6 +7,7 @@ most are unrelated), so retrieval has to find the right ones.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from muvla.utils.config import ConfigError, save_config
+from muvla.utils.config import ConfigError, save_config, setting
+from muvla.utils.shards import atomic_file
 
 # skimage.data loaders that ship inside the wheel (no pooch download); colour photos first.
 SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "hubble_deep_field",
@@ -58,30 +60,33 @@ def write_sample_images(folder: Path, names: tuple[str, ...] = SAMPLE_IMAGES) ->
 
 @dataclass
 class DemoConfig:
-    out: Path = Path("runs/demo")  # run folder; rerunning reuses finished stages
-    k: int = 5  # sentences retrieved per image
-    max_regions: int = 16  # regions kept per image
-    query_mode: str = "counted"  # official | counted
-    pretrain_steps: int = 40  # pre-training steps on the demo corpus (0 = skip pre-training)
-    batch_size: int = 8
-    lr: float = 1e-4
+    """``muvla demo``: no arguments needed; every stage uses its library defaults except these sizes."""
+
+    out: Path = setting(Path("runs/demo"), help="run folder; rerunning reuses finished stages")
+    max_regions: int = setting(16, help="regions kept per image (small, so the demo is quick)")
+    pretrain_steps: int = setting(40, help="pre-training steps on the demo corpus (0 = skip pre-training)")
+    batch_size: int = setting(8, help="pre-training batch size")
+    lr: float = setting(1e-4, help="pre-training learning rate")
 
     def validate(self) -> None:
-        if self.k < 1 or self.max_regions < 2:
-            raise ConfigError("k must be >= 1 and max_regions >= 2")
+        if self.max_regions < 2:
+            raise ConfigError("max_regions must be >= 2")
         if self.pretrain_steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("pretrain_steps must be >= 0, batch_size >= 1 and lr > 0")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     from muvla.corpus.build import CorpusConfig, run_corpus
+    from muvla.regions.stage import RegionsSettings
+    from muvla.text.stage import TextSettings
 
+    cfg.validate()
     start = time.perf_counter()
     out = Path(cfg.out).resolve()
     save_config(cfg, out / "demo", inputs={"images": list(SAMPLE_IMAGES), "corpus": str(demo_captions_path())})
     write_sample_images(out / "images")
-    corpus_cfg = CorpusConfig(out=out, images=out / "images", corpus=[demo_captions_path()], k=cfg.k,
-                              query_mode=cfg.query_mode, regions={"max_regions": cfg.max_regions}, report=False)
+    corpus_cfg = CorpusConfig(out=out, regions=RegionsSettings(images=out / "images", max_regions=cfg.max_regions),
+                              text=TextSettings(corpus=[demo_captions_path()]), report=False)
     result = run_corpus(corpus_cfg)
     if cfg.pretrain_steps:
         result["pretrain"] = _pretrain(cfg, out)
@@ -94,17 +99,30 @@ def run_demo(cfg: DemoConfig) -> dict:
 
         table = run_table(sorted((out / "evaluation").glob("retrieval_*/results.json")), out / "evaluation")
         result["table"] = table["files"]
-        result["table_markdown"] = table["markdown"]
     from muvla.report.html import write_report
 
     result["report"] = str(write_report(out))
     result["seconds"] = round(time.perf_counter() - start, 1)
-    for name, metrics in result.get("zero_shot_retrieval", {}).items():
-        print(f"zero-shot retrieval, {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-    if "table_markdown" in result:
-        print(result.pop("table_markdown"), end="")
-    print(f"muvla demo finished in {result['seconds']}s. Open the report: {result['report']}")
+    with atomic_file(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
     return result
+
+
+def describe(summary: dict) -> list[str]:
+    """The short ending of ``muvla demo``: what was built, the key figures, where the report is."""
+    stages = summary.get("stages", {})
+    regions, text, retrieval = stages.get("regions", {}), stages.get("text", {}), stages.get("retrieval", {})
+    lines = [f"muvla demo finished in {summary.get('seconds')} s",
+             f"  corpus: {regions.get('images_written')} images, {text.get('sentences')} sentences, "
+             f"top-{retrieval.get('k')} retrieved per image"]
+    pretrain = summary.get("pretrain")
+    if pretrain:
+        lines.append(f"  pre-training: {pretrain.get('steps')} steps, final loss {pretrain.get('final_loss')}")
+    for name, metrics in summary.get("zero_shot_retrieval", {}).items():
+        lines.append(f"  zero-shot retrieval, {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    lines.append(f"  details: {Path(summary['report']).parent / 'summary.json'}")
+    lines.append(f"Open the report: {summary['report']}")
+    return lines
 
 
 def _pretrain(cfg: DemoConfig, out: Path) -> dict:

@@ -44,6 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from muvla.training.distributed import (
+    DEVICES,
     DistInfo,
     all_gather_object,
     all_reduce_sum,
@@ -51,10 +52,11 @@ from muvla.training.distributed import (
     broadcast_object,
     init_distributed,
 )
-from muvla.utils.config import ConfigError, to_dict
+from muvla.utils.config import ConfigError, check_choices, setting, to_dict
 from muvla.utils.progress import progress
 from muvla.utils.shards import atomic_dir, atomic_file, clean_stale_tmp
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
 CHECKPOINT_FILES = ("model.pt", "trainer.pt", "meta.json")
 
@@ -71,28 +73,31 @@ class TrainerSettings:
     too; ``train_config(out)`` turns them into the :class:`TrainConfig` the trainer takes.
     """
 
-    max_steps: int = 0  # optimizer steps; > 0 wins over epochs
-    epochs: int = 1
-    batch_size: int = 32  # per rank and per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    lr: float = 5e-5
-    weight_decay: float = 0.01  # not applied to biases and normalisation weights
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-6
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 5.0  # <= 0 disables clipping (the norm is still logged)
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on CUDA if supported)
-    device: str = "auto"  # auto | cpu | cuda
-    seed: int = 42
-    log_every: int = 10
-    save_every: int = 1000
-    keep_checkpoints: int = 3  # newest checkpoints kept; 0 keeps all
-    num_workers: int = 0
-    drop_last: bool = False  # drop each rank's last partial batch of an epoch
-    find_unused_parameters: bool = False  # DDP: needed when a step leaves some heads unused
-    tensorboard: bool = True
-    resume: bool = False  # continue from the newest complete checkpoint in out
-    plot: bool = True  # write <out>/training_curves.png at the end
+    max_steps: int = setting(0, help="optimizer steps; > 0 wins over epochs")
+    epochs: int = setting(1, help="passes over the data (used when max_steps is 0)")
+    batch_size: int = setting(32, help="samples per rank and per micro-step")
+    grad_accum: int = setting(1, help="micro-steps per optimizer step")
+    lr: float = setting(5e-5, help="peak learning rate of AdamW")
+    weight_decay: float = setting(0.01, help="AdamW weight decay (not applied to biases and normalisation weights)")
+    betas: tuple[float, float] = setting((0.9, 0.999), help="AdamW betas")
+    eps: float = setting(1e-6, help="AdamW epsilon")
+    warmup_ratio: float = setting(0.1, help="fraction of the steps with a linear learning-rate warm-up")
+    max_grad_norm: float = setting(5.0, help="gradient clipping norm; <= 0 disables clipping (the norm is still logged)")
+    precision: str = setting("auto", choices=PRECISIONS,
+                             help="auto: fp32 on CPU, bf16 on CUDA when supported (else fp16)")
+    device: str = setting("auto", choices=DEVICES, help="auto: this rank's GPU when CUDA is available, else CPU",
+                          runtime=True)
+    seed: int = setting(42, help="seed of the data order, masking and initialisation")
+    log_every: int = setting(10, help="optimizer steps per metrics.jsonl row", runtime=True)
+    save_every: int = setting(1000, help="optimizer steps per checkpoint", runtime=True)
+    keep_checkpoints: int = setting(3, help="newest checkpoints kept; 0 keeps all", runtime=True)
+    num_workers: int = setting(0, help="DataLoader worker processes", runtime=True)
+    drop_last: bool = setting(False, help="drop each rank's last partial batch of an epoch")
+    find_unused_parameters: bool = setting(False, help="DDP: needed when a step leaves some heads unused",
+                                           runtime=True)
+    tensorboard: bool = setting(True, help="also log to <out>/tensorboard", runtime=True)
+    resume: bool = setting(False, help="continue from the newest complete checkpoint in --out", runtime=True)
+    plot: bool = setting(True, help="write <out>/training_curves.png at the end", runtime=True)
 
     def train_config(self, out: str | Path, **overrides: Any) -> TrainConfig:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainerSettings)}
@@ -103,7 +108,7 @@ class TrainerSettings:
 class TrainConfig(TrainerSettings):
     """What the trainer runs with: the settings plus the run folder."""
 
-    out: Path  # run folder: metrics.jsonl, tensorboard/, checkpoints/, training_curves.png
+    out: Path = setting(help="run folder: metrics.jsonl, tensorboard/, checkpoints/, training_curves.png")
 
     def validate(self) -> None:
         if self.max_steps < 0:
@@ -123,10 +128,7 @@ class TrainConfig(TrainerSettings):
             raise ConfigError(f"eps must be > 0, got {self.eps}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        check_choices(self)
         if self.keep_checkpoints < 0:
             raise ConfigError(f"keep_checkpoints must be >= 0 (0 = keep all), got {self.keep_checkpoints}")
         if self.num_workers < 0:
@@ -670,8 +672,8 @@ class Trainer:
         existing = latest_checkpoint(self.out) if self.dist.is_main else None
         existing = broadcast_object(str(existing) if existing else None)
         if existing and not cfg.resume:
-            raise ConfigError(f"{self.out} already holds checkpoints (latest {existing}); pass resume=True "
-                              "to continue that run or choose another output folder")
+            raise ConfigError(f"{self.out} already holds checkpoints (latest {existing}); pass --resume "
+                              "to continue that run, or choose another --out")
         if existing:
             self.load_checkpoint(Path(existing))
 
