@@ -1,4 +1,4 @@
-"""Downstream task readers (muvla.tasks.data): generated files in the official formats, plus the
+"""Downstream task readers (the task modules' loaders): generated files in the official formats, plus the
 real files of ../shared/data when present."""
 
 from __future__ import annotations
@@ -9,23 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from muvla.tasks.data import (
-    LABELS,
-    NO_REGIONS,
-    OUT_OF_VOCAB,
-    AnswerVocab,
-    Record,
-    caption_index,
-    load_coco_captions,
-    load_nlvr2,
-    load_refcoco,
-    load_refcoco_json,
-    load_snli_ve,
-    load_vqa,
-    nlvr2_image_stem,
-    vqa_soft_scores,
-)
-from muvla.tasks.metrics import nlvr2_accuracy_consistency, vqa_accuracy
+from muvla.tasks.files import NO_REGIONS, Record
+from muvla.tasks.nlvr2 import load_nlvr2, nlvr2_accuracy_consistency, nlvr2_image_stem
+from muvla.tasks.refcoco import load_refcoco, load_refcoco_json
+from muvla.tasks.retrieval import caption_index, load_coco_captions
+from muvla.tasks.snli_ve import LABELS, load_snli_ve
+from muvla.tasks.vocab import AnswerVocab
+from muvla.tasks.vqa import OUT_OF_VOCAB, build_answer_vocab, load_vqa, vqa_accuracy, vqa_soft_scores
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not found at {SHARED}")
@@ -57,11 +47,11 @@ def test_answer_vocab_file_and_build(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="integers 0..1"):
         AnswerVocab.from_file(_write_json(tmp_path / "gap.json", {"yes": 0, "no": 5}))
     anns = [{"multiple_choice_answer": a} for a in ["yes"] * 3 + ["Two"] * 2 + ["2"] + ["rare"]]
-    built = AnswerVocab.build(anns, min_count=2)
+    built = build_answer_vocab(anns, min_count=2)
     assert built.answers == ["2", "yes"]  # 'Two' and '2' merge (3 each); ties broken alphabetically
     assert AnswerVocab.from_file(built.save(tmp_path / "built.json")).answers == built.answers
     with pytest.raises(ValueError, match="no answer occurs"):
-        AnswerVocab.build(anns, min_count=10)
+        build_answer_vocab(anns, min_count=10)
 
 
 def _vqa_files(tmp_path: Path) -> tuple[Path, Path]:
