@@ -25,6 +25,7 @@ import torch
 
 from muvla.corpus.regions import RegionStore
 from muvla.tasks.batch import DEFAULT_MAX_TEXT_LEN, has_regions_fn
+from muvla.tasks.files import LoadReport
 from muvla.tasks.model import (
     ANSWER_VOCAB_FILE,
     TaskInfo,
@@ -36,7 +37,7 @@ from muvla.tasks.model import (
 )
 from muvla.tasks.registry import get_task
 from muvla.tasks.results import write_results
-from muvla.tasks.spec import EvalOptions, ReadOptions, TaskSpec
+from muvla.tasks.spec import EvalOptions, Evaluation, ReadOptions, TaskSpec
 from muvla.tasks.vocab import AnswerVocab
 from muvla.training import pick_device
 from muvla.utils.config import ConfigError, save_config
@@ -181,6 +182,23 @@ def _build_regions(cfg: EvaluateConfig, folder: Path) -> Path:
     return rcfg.out
 
 
+def _write_outputs(spec: TaskSpec, cfg: EvaluateConfig, evaluation: Evaluation, report: LoadReport,
+                   folder: Path, results_path: Path) -> dict[str, Any]:
+    """The task's extra files, rejected.jsonl and results.json (only when the split has labels)."""
+    written: dict[str, Any] = {}
+    if spec.extra_outputs is not None:
+        written.update(spec.extra_outputs(evaluation, folder, spec.output_stem(cfg.split), cfg.model_name))
+    report.write_rejected(folder / "rejected.jsonl")
+    written["results"] = None
+    if spec.headline in evaluation.metrics:
+        written["results"] = str(write_results(results_path, cfg.model_name, spec.name, cfg.split,
+                                               evaluation.metrics))
+    else:  # e.g. VQA test-dev questions without annotations: predictions only, scored by the server
+        logger.warning("%s/%s has no labels: wrote predictions only (%s)", spec.name, cfg.split,
+                       spec.prediction_path(folder, cfg.split))
+    return written
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate one task on one split; write results.json, predictions, rejected.jsonl, summary.json."""
     from muvla.encoders import load_wordpiece_tokenizer
@@ -205,18 +223,12 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                           zero_shot=info is None)
     pred_path = spec.prediction_path(folder, cfg.split)
     evaluation = spec.score(model.to(device), examples, report, options, pred_path)
+    written = _write_outputs(spec, cfg, evaluation, report, folder, results_path)
     summary: dict[str, Any] = {"stage": "evaluate", "task": spec.name, "split": cfg.split, "model": str(cfg.model),
-                               "regions": str(regions_root), "device": str(device), "max_text_len": cfg.max_text_len}
-    if spec.extra_outputs is not None:
-        summary.update(spec.extra_outputs(evaluation, folder, spec.output_stem(cfg.split), cfg.model_name))
-    report.write_rejected(folder / "rejected.jsonl")
-    results: Path | None = None
-    if spec.headline in evaluation.metrics:
-        results = write_results(results_path, cfg.model_name, spec.name, cfg.split, evaluation.metrics)
-    else:  # e.g. VQA test-dev questions without annotations: predictions only, scored by the server
-        logger.warning("%s/%s has no labels: wrote predictions only (%s)", spec.name, cfg.split, pred_path)
-    summary.update({"metrics": evaluation.metrics, "load_report": report.to_dict(),
-                    "results": str(results) if results else None, "predictions": str(pred_path)})
+                               "regions": str(regions_root), "device": str(device), "max_text_len": cfg.max_text_len,
+                               **{k: v for k, v in written.items() if k != "results"},
+                               "metrics": evaluation.metrics, "load_report": report.to_dict(),
+                               "results": written["results"], "predictions": str(pred_path)}
     with atomic_file(folder / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
     save_config(cfg, folder, inputs={"data": cfg.data, "regions": regions_root, "model": cfg.model})

@@ -133,6 +133,17 @@ def _validate_model(cfg: FinetuneConfig, spec: TaskSpec, model: TaskModel, store
             "predictions": str(pred_path), "results": str(results)}, report
 
 
+def _train(cfg: FinetuneConfig, spec: TaskSpec, examples: list[Any], store: RegionStore, tokenizer: Any,
+           vocab: AnswerVocab | None) -> tuple[TaskModel, Trainer, dict[str, Any]]:
+    """A fresh head on the encoder, trained by the generic trainer."""
+    torch.manual_seed(cfg.seed)  # head initialisation
+    model = spec.build_model(load_encoder(cfg.model, store.feature_dim), len(vocab) if vocab is not None else 0,
+                             cfg.head_dropout)
+    dataset = spec.dataset(examples, store, DataOptions(n_answers=model.n_answers, n_negatives=cfg.n_negatives))
+    trainer = Trainer(model, dataset, TaskCollator(tokenizer, cfg.max_text_len), cfg.train_config())
+    return model, trainer, trainer.train()
+
+
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.task``; save the task model; evaluate on ``cfg.val``."""
     from muvla.encoders import load_wordpiece_tokenizer
@@ -146,14 +157,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     store = RegionStore(cfg.regions)
     vocab, vocab_path = _answer_vocab(cfg, spec, out)
     examples, train_report = _read_train(cfg, spec, store, vocab, out)
-
     tokenizer = load_wordpiece_tokenizer(tokenizer_source(cfg.model))
-    torch.manual_seed(cfg.seed)  # head initialisation
-    model = spec.build_model(load_encoder(cfg.model, store.feature_dim), len(vocab) if vocab is not None else 0,
-                             cfg.head_dropout)
-    dataset = spec.dataset(examples, store, DataOptions(n_answers=model.n_answers, n_negatives=cfg.n_negatives))
-    trainer = Trainer(model, dataset, TaskCollator(tokenizer, cfg.max_text_len), cfg.train_config())
-    train_summary = trainer.train()
+    model, trainer, train_summary = _train(cfg, spec, examples, store, tokenizer, vocab)
     if not trainer.dist.is_main:
         return {"stage": "finetune", "task": spec.name, "rank": trainer.dist.rank, "train": train_summary}
 

@@ -69,6 +69,16 @@ def _parse_bool_label(value: Any) -> bool | None:
     return None
 
 
+def _pair_paths(stem: str, root: Path | None, directory: Any) -> list[Path]:
+    """The left and right image files: bare names without an image folder, else found in the folder
+    or in its ``directory`` sub-folder (the train split's layout)."""
+    names = [f"{stem}-img0.png", f"{stem}-img1.png"]
+    if root is None:
+        return [Path(n) for n in names]
+    folders = [root] + ([root / str(directory)] if directory is not None else [])
+    return [next((d / n for d in folders if (d / n).is_file()), folders[-1] / n) for n in names]
+
+
 def load_nlvr2(jsonl: str | Path, image_dir: str | Path | None,
                has_regions: HasRegions | None = None) -> tuple[list[NLVR2Example], LoadReport]:
     """NLVR2 JSON lines. With ``image_dir`` both images must exist (else skipped with the line);
@@ -98,16 +108,11 @@ def load_nlvr2(jsonl: str | Path, image_dir: str | Path | None,
         if label is None:
             report.skip(jsonl, lineno, f"label {obj['label']!r} is not True/False", ident)
             continue
-        names = [f"{stem}-img0.png", f"{stem}-img1.png"]
-        if root is None:
-            paths = [Path(n) for n in names]
-        else:
-            folders = [root] + ([root / str(obj["directory"])] if "directory" in obj else [])
-            paths = [next((d / n for d in folders if (d / n).is_file()), folders[-1] / n) for n in names]
-            lost = [p.name for p in paths if not p.is_file()]
-            if lost:
-                report.skip(jsonl, lineno, "missing NLVR2 image", f"{ident}: {', '.join(lost)}")
-                continue
+        paths = _pair_paths(stem, root, obj.get("directory"))
+        lost = [p.name for p in paths if root is not None and not p.is_file()]
+        if lost:
+            report.skip(jsonl, lineno, "missing NLVR2 image", f"{ident}: {', '.join(lost)}")
+            continue
         if has_regions is not None and not all(has_regions(p.stem) for p in paths):
             report.skip(jsonl, lineno, NO_REGIONS, ident)
             continue
