@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from muvla.demo import SAMPLE_IMAGES, DemoConfig, demo_eval_captions_path, run_demo, write_sample_images
-from muvla.tasks.data import load_coco_captions
+from muvla.tasks.retrieval import load_coco_captions
 
 
 def test_sample_images_are_written_once(tmp_path: Path) -> None:
