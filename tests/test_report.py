@@ -164,12 +164,21 @@ def test_report_missing_stages_say_not_run(tmp_path: Path) -> None:
     page = write_report(run, tmp_path / "out" / "r.html").read_text(encoding="utf-8")
     assert page.count('<span class="notrun">not run</span>') == 4  # text, retrieval, phrases, pretrain
     assert "retrieval not run" in page and '<svg class="scene"' in page
-    # a completely empty run still gives a page
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    page = write_report(empty).read_text(encoding="utf-8")
-    assert page.count('<span class="notrun">not run</span>') == 5
+    # a run with only its text stage still gives a page
+    text_only = tmp_path / "text_only"
+    shutil.copytree(make_run(tmp_path / "other", with_metrics=False) / "text", text_only / "text")
+    page = write_report(text_only).read_text(encoding="utf-8")
+    assert page.count('<span class="notrun">not run</span>') == 4  # regions, retrieval, phrases, pretrain
     assert "no images: regions and retrieval not run" in page
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "a.jpg")
+    with pytest.raises(ReportError, match="not a muvla run folder"):
+        write_report(images)
+    assert not (images / "report.html").exists()
 
 
 def test_report_phrases_missing_sentence_stage_present(tmp_path: Path) -> None:

@@ -210,7 +210,7 @@ def test_checkpoint_contents_and_pruning(tmp_path):
     load_model_weights(last, fresh)
     assert torch.equal(flat_params(fresh), flat_params(trainer.model))
     assert not list((tmp_path / "checkpoints").glob(".*"))  # no temporary leftovers
-    with pytest.raises(ConfigError, match="resume=True"):
+    with pytest.raises(ConfigError, match="pass --resume"):
         train(tmp_path, max_steps=7)
 
 

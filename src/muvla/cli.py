@@ -164,8 +164,9 @@ def _set_example(config_cls: type) -> str:
             return f"{f.name}.{leaf.name}={leaf.default}"
         if typing.get_origin(hints[f.name]) is dict or hints[f.name] is dict:
             return f"{f.name}.<key>=<value>"
-    f = next((f for f in dataclasses.fields(config_cls) if f.default not in (dataclasses.MISSING, None)), None)
-    return f"{f.name}={f.default}" if f is not None else "<setting>=<value>"
+    numbers = [f for f in dataclasses.fields(config_cls) if hints[f.name] in (int, float)
+               and f.default is not dataclasses.MISSING]
+    return f"{numbers[0].name}={numbers[0].default}" if numbers else "<setting>=<value>"
 
 
 def build_command_parser(command: Command, config_cls: type) -> tuple[argparse.ArgumentParser, list[Flag]]:
@@ -183,7 +184,7 @@ def build_command_parser(command: Command, config_cls: type) -> tuple[argparse.A
             group.add_argument(flag.flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
                                help=flag.help)
         else:
-            metavar = "|".join(map(str, flag.choices)) if flag.choices else None
+            metavar = "|".join(map(str, flag.choices)) if flag.choices else flag.key.split(".")[-1].upper()
             group.add_argument(flag.flag, dest=dest, nargs="+" if flag.kind == "list" else None, type=flag.convert,
                                default=None, help=flag.help, metavar=metavar)
     if command.positional:

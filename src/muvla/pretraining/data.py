@@ -143,7 +143,7 @@ class PretrainCorpus:
             if m.sentence_id in self.sent_tokens:
                 self.matches[(m.image_id, m.sentence_id)] = (np.asarray(m.region_phrase, dtype=np.int64),
                                                              np.clip(np.asarray(m.region_sim, np.float32), 0.0, 1.0))
-        lost = [(image, sid) for image, pairs in by_image.items() if image in self.store
+        lost = [(image, sid) for image, pairs in by_image.items() if self.store.num_regions(image) > 0
                 for _, sid in pairs if sid in self.sent_tokens and (image, sid) not in self.matches]
         if lost:
             total = sum(len(p) for p in by_image.values())

@@ -120,11 +120,15 @@ def region_label(regions: ImageRegions, i: int) -> str:
     return f"region {i}"
 
 
-def shown_regions(scores: np.ndarray, max_boxes: int) -> set[int]:
-    """The regions drawn at first: the highest-scored ones, not the whole-image region 0 when others exist."""
-    order = [int(i) for i in np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")]
-    if len(order) > 1:
-        order = [i for i in order if i != 0]
+def shown_regions(regions: ImageRegions, max_boxes: int) -> set[int]:
+    """The regions drawn at first: the highest-scored ones, leaving out a whole-image box (the image
+    backends' region 0) when there are others."""
+    order = [int(i) for i in np.argsort(-np.asarray(regions.scores, dtype=np.float64), kind="stable")]
+    area = max(regions.width * regions.height, 1)
+    whole = {i for i, (x1, y1, x2, y2) in enumerate(np.asarray(regions.boxes, dtype=np.float64))
+             if np.isfinite([x1, y1, x2, y2]).all() and (x2 - x1) * (y2 - y1) >= 0.95 * area}
+    if len(order) > len(whole):
+        order = [i for i in order if i not in whole]
     return set(order[:max_boxes])
 
 
@@ -165,7 +169,7 @@ def render_scene(card: Card, image_roots: list[Path], max_boxes: int) -> str:
                      f'<text x="{w / 2:.0f}" y="{h / 2:.0f}" text-anchor="middle" class="miss" '
                      f'font-size="{max(w, h) / 25:.0f}">image not available</text>')
     fs = max(w, h) / 30
-    first = shown_regions(regions.scores, max_boxes)
+    first = shown_regions(regions, max_boxes)
     placed: list[tuple[float, float, float, float]] = []
     for i, (box, score) in enumerate(zip(regions.boxes, regions.scores)):
         if not np.isfinite(box).all():

@@ -17,12 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from muvla.corpus.layout import RegionsOutput
 from muvla.corpus.regions import RegionStore
 from muvla.tasks.batch import DEFAULT_MAX_TEXT_LEN, has_regions_fn
 from muvla.tasks.files import LoadReport
@@ -35,12 +36,13 @@ from muvla.tasks.model import (
     resolve_model_folder,
     tokenizer_source,
 )
-from muvla.tasks.registry import get_task
+from muvla.tasks.registry import get_task, task_names
 from muvla.tasks.results import write_results
 from muvla.tasks.spec import EvalOptions, Evaluation, ReadOptions, TaskSpec
 from muvla.tasks.vocab import AnswerVocab
 from muvla.training import pick_device
-from muvla.utils.config import ConfigError, save_config
+from muvla.training.distributed import DEVICES
+from muvla.utils.config import ConfigError, save_config, setting
 from muvla.utils.shards import atomic_file
 
 logger = logging.getLogger(__name__)
@@ -50,25 +52,26 @@ logger = logging.getLogger(__name__)
 class EvaluateConfig:
     """``muvla evaluate`` settings."""
 
-    out: Path  # results json path, or a folder (-> <out>/results.json)
-    task: str | None = None  # default: the fine-tuned model's task (task.json)
-    model: str = "default"  # fine-tuned folder (task.json), or for retrieval any muvla/BERT model
-    split: str = "val"
-    data: list[Path] = field(default_factory=list)
-    regions: Path | None = None
-    images: Path | None = None  # NLVR2 / SNLI-VE image folder; retrieval: images to build regions from
-    captions: Path | None = None  # retrieval: captions file (COCO JSON, JSON lines or TSV); same as data
-    answer_vocab: Path | None = None  # VQA: default = the copy inside the fine-tuned model folder
-    coco_instances: Path | None = None  # on-the-fly regions with the coco-instances backend
-    region_backend: str = "detector"  # backend when regions must be built from images
-    max_regions: int = 36
-    max_images: int = 0  # retrieval: first N images only (0 = all)
-    max_captions_per_image: int = 0  # retrieval: 0 = all
-    batch_size: int = 32
-    max_text_len: int | None = None  # default: the fine-tuned model's (task.json), else 40
-    device: str = "auto"
-    model_name: str = "muvla"
-    torch_threads: int = 0  # intra-op CPU threads; 0 = torch's default
+    out: Path = setting(help="results JSON path, or a folder (-> <out>/results.json)")
+    task: str | None = setting(None, help=f"one of {', '.join(task_names())} (default: the fine-tuned model's task, "
+                                          "from its task.json)")
+    model: str = setting("default", help="fine-tuned model folder (with task.json), or for zero-shot retrieval any "
+                                         "muvla or BERT model ('default' = the bundled MiniLM)")
+    split: str = setting("val", help="split name (RefCOCO+ split inside the refer files; also names the outputs)")
+    data: list[Path] = setting(default_factory=list, help="the task's data files in their official formats")
+    regions: Path | None = setting(None, help="region store of the task's images (built by muvla regions)")
+    images: Path | None = setting(None, help="NLVR2 / SNLI-VE image folder; retrieval: an image folder to build "
+                                             "the regions from when no --regions is given (regions stage defaults)")
+    captions: Path | None = setting(None, help="retrieval: captions with image ids (COCO captions .json, JSON lines "
+                                               "{image, caption} .jsonl, or TSV image<TAB>caption); same as --data")
+    answer_vocab: Path | None = setting(None, help="VQA answer vocabulary (default: the copy in the model folder)")
+    max_images: int = setting(0, help="retrieval: first N images only (0 = all)")
+    max_captions_per_image: int = setting(0, help="retrieval: captions per image (0 = all)")
+    batch_size: int = setting(32, help="encoder rows per batch", runtime=True)
+    max_text_len: int | None = setting(None, help="tokens per text (default: the fine-tuned model's, from task.json)")
+    device: str = setting("auto", choices=DEVICES, help="auto: CUDA when available, else CPU", runtime=True)
+    model_name: str = setting("muvla", help="row name of this model in results.json and the Meta-Ave table")
+    torch_threads: int = setting(0, help="intra-op CPU threads; 0 = torch's default", runtime=True)
 
     def data_files(self) -> list[Path]:
         return [Path(self.captions)] if self.captions is not None else [Path(p) for p in self.data]
@@ -175,9 +178,7 @@ def _build_regions(cfg: EvaluateConfig, folder: Path) -> Path:
     """No region store given: run the regions stage on ``cfg.images`` into ``<folder>/regions``."""
     from muvla.regions.stage import RegionsConfig, run_regions
 
-    rcfg = RegionsConfig(out=folder / "regions", backend=cfg.region_backend, images=cfg.images,
-                         coco_instances=cfg.coco_instances, max_regions=cfg.max_regions,
-                         max_proposals=max(48, cfg.max_regions), progress=False)
+    rcfg = RegionsConfig(out=folder / "regions", images=cfg.images, progress=False)
     run_regions(rcfg)
     return rcfg.out
 
@@ -211,6 +212,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     regions_root = cfg.regions if cfg.regions is not None else _build_regions(cfg, folder)
+    RegionsOutput(Path(regions_root)).digest()  # a finished regions output, unchanged since (one line if not)
     store = RegionStore(regions_root)
     model, info, model_folder = _load_model(spec, cfg.model, store.feature_dim)
     cfg = dataclasses.replace(cfg, max_text_len=read_back_max_text_len(cfg.max_text_len, info))

@@ -17,22 +17,23 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from muvla.corpus.layout import RegionsOutput
 from muvla.corpus.regions import RegionStore
 from muvla.tasks.batch import DEFAULT_MAX_TEXT_LEN, TaskCollator, has_regions_fn
 from muvla.tasks.files import LoadReport, merge_reports
 from muvla.tasks.model import ANSWER_VOCAB_FILE, TaskModel, load_encoder, tokenizer_source
-from muvla.tasks.registry import get_task
+from muvla.tasks.registry import get_task, task_names
 from muvla.tasks.results import write_results
 from muvla.tasks.spec import DataOptions, EvalOptions, ReadOptions, TaskSpec
 from muvla.tasks.vocab import AnswerVocab
 from muvla.training import TrainConfig, Trainer, TrainerSettings
-from muvla.utils.config import ConfigError, save_config
+from muvla.utils.config import ConfigError, save_config, setting
 from muvla.utils.shards import atomic_file
 
 logger = logging.getLogger(__name__)
@@ -43,29 +44,33 @@ class FinetuneConfig(TrainerSettings):
     """``muvla finetune`` settings; trainer fields are flat (CLI flags), defaults are small CPU values.
     The paper's values are in configs/finetune/*_reference.yaml."""
 
-    out: Path
-    task: str
-    train: list[Path]  # vqa: questions.json annotations.json; nlvr2 / snli_ve: jsonl; refcoco+: refs.p instances.json
-    regions: Path
-    model: str = "default"  # pre-trained muvla folder / run folder, or a BERT folder ('default' = MiniLM)
-    images: Path | None = None  # NLVR2 / SNLI-VE image folder (checks that every image exists)
-    answer_vocab: Path | None = None  # VQA ans2label JSON; None = built from the train annotations
-    answer_min_count: int = 9  # when building the VQA vocabulary
-    val: list[Path] = field(default_factory=list)
-    train_split: str = "train"  # RefCOCO+ split names inside the refer files
-    val_split: str = "val"
+    out: Path = setting(help="run folder: model/ (encoder + task head + task.json), metrics.jsonl, results.json")
+    task: str = setting(help=f"one of {', '.join(task_names())}")
+    train: list[Path] = setting(help="training files: vqa questions.json annotations.json; nlvr2 / snli_ve JSON "
+                                     "lines; refcoco+ refs(unc).p instances.json; retrieval a captions file")
+    regions: Path = setting(help="region store of the task's images (built by muvla regions)")
+    model: str = setting("default", help="pre-trained muvla model or run folder, or a BERT folder ('default' = the "
+                                         "bundled MiniLM)")
+    images: Path | None = setting(None, help="NLVR2 / SNLI-VE image folder (checks that every image exists)")
+    answer_vocab: Path | None = setting(None, help="VQA ans2label JSON (default: built from the train annotations)")
+    answer_min_count: int = setting(9, help="VQA: answers given by fewer questions are left out of a built "
+                                            "vocabulary")
+    val: list[Path] = setting(default_factory=list, help="validation files (same formats as --train)")
+    train_split: str = setting("train", help="RefCOCO+ split used for training inside the refer files")
+    val_split: str = setting("val", help="RefCOCO+ split used for validation")
     # trainer settings are inherited (TrainerSettings); these defaults differ for small fine-tuning runs
-    batch_size: int = field(default=8, kw_only=True)
-    keep_checkpoints: int = field(default=2, kw_only=True)
-    tensorboard: bool = field(default=False, kw_only=True)
-    find_unused_parameters: bool = field(default=True, kw_only=True)  # pre-training heads get no gradient
-    max_text_len: int = DEFAULT_MAX_TEXT_LEN
-    head_dropout: float = 0.1
-    n_negatives: int = 1  # retrieval fine-tuning: random negative captions per positive
-    eval_batch_size: int = 32
-    max_val_images: int = 0  # retrieval validation: first N images (0 = all)
-    model_name: str = "muvla"
-    torch_threads: int = 0  # intra-op CPU threads; 0 = torch's default (1 is often fastest on busy small machines)
+    batch_size: int = setting(8, help="samples per rank and per micro-step", kw_only=True)
+    keep_checkpoints: int = setting(2, help="newest checkpoints kept; 0 keeps all", kw_only=True, runtime=True)
+    tensorboard: bool = setting(False, help="also log to <out>/tensorboard", kw_only=True, runtime=True)
+    find_unused_parameters: bool = setting(True, help="DDP: the pre-training heads get no gradient", kw_only=True,
+                                           runtime=True)
+    max_text_len: int = setting(DEFAULT_MAX_TEXT_LEN, help="tokens per text incl. [CLS]/[SEP] (recorded in task.json)")
+    head_dropout: float = setting(0.1, help="dropout of the task head")
+    n_negatives: int = setting(1, help="retrieval fine-tuning: random negative captions per positive")
+    eval_batch_size: int = setting(32, help="rows per batch when scoring the validation files", runtime=True)
+    max_val_images: int = setting(0, help="retrieval validation: first N images (0 = all)")
+    model_name: str = setting("muvla", help="row name of this model in results.json and the Meta-Ave table")
+    torch_threads: int = setting(0, help="intra-op CPU threads; 0 = torch's default", runtime=True)
 
     def validate(self) -> None:
         spec = get_task(self.task)
@@ -154,6 +159,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.torch_threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    RegionsOutput(Path(cfg.regions)).digest()  # a finished regions output, unchanged since (one line if not)
     store = RegionStore(cfg.regions)
     vocab, vocab_path = _answer_vocab(cfg, spec, out)
     examples, train_report = _read_train(cfg, spec, store, vocab, out)
