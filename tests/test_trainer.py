@@ -9,19 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from muvla.training.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
+from muvla.training.optim import linear_warmup_decay, param_groups
 from muvla.training.plots import plot_training_curves, read_metrics
-from muvla.training.trainer import (
-    ResumableDistributedSampler,
-    StepOutput,
-    TrainConfig,
-    Trainer,
-    batch_seed,
-    latest_checkpoint,
-    linear_warmup_decay,
-    list_checkpoints,
-    load_model_weights,
-    param_groups,
-)
+from muvla.training.sampler import ResumableDistributedSampler, batch_seed
+from muvla.training.trainer import StepOutput, TrainConfig, Trainer
 from muvla.utils.config import ConfigError, load_config
 from trainer_toy import ToyCollate, ToyDataset, flat_params, make_model
 

@@ -64,6 +64,8 @@ COMMANDS = [
             "muvla.tasks.finetune", "FinetuneConfig", "run_finetune"),
     Command("evaluate", "evaluate a model folder with the official metrics (retrieval: zero-shot via ITM)",
             "muvla.tasks.evaluate", "EvaluateConfig", "run_evaluate"),
+    Command("experiment", "pre-train every compared model on the same budget and evaluate all on held-out images",
+            "muvla.experiment.run", "ExperimentConfig", "run_experiment", "describe"),
     Command("report", "write a self-contained HTML report of a run folder",
             "muvla.report.html", "ReportConfig", "run_report", "describe", positional="run_dir"),
     Command("demo", "run the whole pipeline on the embedded default (sample images + captions)",

@@ -33,6 +33,7 @@ from muvla.retrieval.stage import describe as describe_retrieval
 from muvla.text.stage import TextConfig, TextSettings, run_text
 from muvla.text.stage import describe as describe_text
 from muvla.utils.config import ConfigError, save_config, setting
+from muvla.utils.shards import ShardSpec
 
 
 @dataclass
@@ -84,28 +85,28 @@ STAGES: dict[str, tuple[Callable[[Any], dict], Callable[[dict], list[str]], bool
 }
 
 
-def _finished(folder: Path) -> bool:
-    record = BuildRecord.read(folder) if folder.is_dir() else None
+def finished(folder: Path) -> bool:
+    """True once a stage output's build record says it is complete."""
+    record = BuildRecord.read(folder) if Path(folder).is_dir() else None
     return record is not None and record.complete
 
 
-def _run_stage(name: str, cfg: Any, corpus: CorpusConfig, poll_s: float = 2.0) -> dict:
-    """Run one stage in this process and return once its merged output exists.
+def run_everywhere(run: Callable[[Any], dict], cfg: Any, shard: ShardSpec, sharded: bool, timeout_s: float,
+                   poll_s: float = 2.0) -> dict:
+    """Run one stage in this process and return once its merged output (``cfg.out``) is finished.
 
     Sharded stages run on every process, which then reruns them while waiting (a rerun only does
-    units that became possible, and the main process merges); the text stage runs on the main
-    process only, the others wait for it.
+    units that became possible, and the main process merges); an unsharded stage runs on the main
+    process only and the others wait for it.
     """
-    run, _, sharded = STAGES[name]
-    shard = corpus.shard_spec()
-    deadline = time.monotonic() + corpus.wait_timeout_s
+    deadline = time.monotonic() + timeout_s
     summary: dict = {}
     if sharded or shard.is_main:
         summary = run(cfg)
     delay = poll_s
-    while not _finished(Path(cfg.out)):
+    while not finished(Path(cfg.out)):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{name}: waited {corpus.wait_timeout_s:.0f}s for {cfg.out}; are all shards running?")
+            raise TimeoutError(f"waited {timeout_s:.0f}s for {cfg.out}; are all shards running?")
         time.sleep(delay)
         delay = min(delay * 1.5, 30.0)
         if sharded:
@@ -120,7 +121,8 @@ def run_corpus(cfg: CorpusConfig) -> dict:
     if shard.is_main:
         save_config(cfg, cfg.out, inputs={"images": cfg.regions.images, "corpus": cfg.text.corpus,
                                           "num_shards": shard.world})
-    summaries = {name: _run_stage(name, configs[name], cfg) for name in STAGES}
+    summaries = {name: run_everywhere(run, configs[name], shard, sharded, cfg.wait_timeout_s)
+                 for name, (run, _, sharded) in STAGES.items()}
     result: dict[str, Any] = {"out": str(cfg.out), "stages": summaries}
     if cfg.report and shard.is_main:
         from muvla.report.html import write_report

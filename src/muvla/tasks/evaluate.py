@@ -222,7 +222,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     options = EvalOptions(store, load_wordpiece_tokenizer(tokenizer_source(cfg.model)), device,
                           batch_size=cfg.batch_size, max_text_len=int(cfg.max_text_len), vocab=vocab,
                           max_images=cfg.max_images, max_captions_per_image=cfg.max_captions_per_image,
-                          zero_shot=info is None)
+                          zero_shot=info is None, label=cfg.model_name)
     pred_path = spec.prediction_path(folder, cfg.split)
     evaluation = spec.score(model.to(device), examples, report, options, pred_path)
     written = _write_outputs(spec, cfg, evaluation, report, folder, results_path)

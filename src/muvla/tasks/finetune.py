@@ -130,7 +130,8 @@ def _validate_model(cfg: FinetuneConfig, spec: TaskSpec, model: TaskModel, store
     read = ReadOptions(images=cfg.images, split=cfg.val_split, has_regions=has_regions_fn(store), vocab=vocab)
     examples, report = spec.load(cfg.val, read)
     options = EvalOptions(store, tokenizer, next(model.parameters()).device, batch_size=cfg.eval_batch_size,
-                          max_text_len=cfg.max_text_len, vocab=vocab, max_images=cfg.max_val_images)
+                          max_text_len=cfg.max_text_len, vocab=vocab, max_images=cfg.max_val_images,
+                          label=f"{cfg.model_name} validation")
     pred_path = spec.prediction_path(out, "val")
     evaluation = spec.score(model, examples, report, options, pred_path)
     results = write_results(out / "results.json", cfg.model_name, spec.name, "val", evaluation.metrics)

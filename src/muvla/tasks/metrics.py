@@ -46,15 +46,14 @@ def box_iou(a: np.ndarray | Sequence[float], b: np.ndarray | Sequence[float]) ->
     return iou.reshape(()) if single else iou
 
 
-def retrieval_recall(scores: np.ndarray, text_to_image: np.ndarray | Sequence[int],
-                     ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict:
-    """Recall@k both directions from a score matrix [n_images, n_texts].
+def retrieval_ranks(scores: np.ndarray, text_to_image: np.ndarray | Sequence[int],
+                    chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(i2t_rank [n_images], t2i_rank [n_texts]): 0-based rank of each image's best own text and of
+    each text's own image, from a score matrix [n_images, n_texts].
 
-    ``text_to_image[t]`` is the row (image) of text t; an image may own several texts and counts
-    as found (image->text) when any of them is in its top k. Ties rank the lower index first (as
-    a stable sort would), so results are deterministic. Ranks are counted in row chunks instead
-    of sorting, so a 5k x 25k matrix needs no extra full-size copies. Returns i2t_r{k}, t2i_r{k},
-    rsum (sum of those, fractions) and mean_recall (their mean).
+    ``text_to_image[t]`` is the row (image) of text t. Ties rank the lower index first (as a stable
+    sort would), so results are deterministic. Ranks are counted in row chunks instead of sorting, so
+    a 5k x 25k matrix needs no extra full-size copies.
     """
     s = np.asarray(scores)
     if not np.issubdtype(s.dtype, np.floating):
@@ -88,6 +87,15 @@ def retrieval_recall(scores: np.ndarray, text_to_image: np.ndarray | Sequence[in
         best_score = block[np.arange(len(block)), best]
         i2t_rank[rows] = (block > best_score[:, None]).sum(1) + \
             ((block == best_score[:, None]) & (cols[None, :] < best[:, None])).sum(1)
+    return i2t_rank, t2i_rank
+
+
+def retrieval_recall(scores: np.ndarray, text_to_image: np.ndarray | Sequence[int],
+                     ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict:
+    """Recall@k both directions from a score matrix [n_images, n_texts] (see :func:`retrieval_ranks`);
+    an image counts as found (image->text) when any of its texts is in its top k. Returns i2t_r{k},
+    t2i_r{k}, rsum (sum of those, fractions) and mean_recall (their mean)."""
+    i2t_rank, t2i_rank = retrieval_ranks(scores, text_to_image, chunk)
     out: dict[str, float] = {}
     for k in ks:
         out[f"i2t_r{k}"] = float(np.mean(i2t_rank < k))
@@ -96,6 +104,23 @@ def retrieval_recall(scores: np.ndarray, text_to_image: np.ndarray | Sequence[in
     out["rsum"] = float(sum(out.values()))
     out["mean_recall"] = out["rsum"] / (2 * len(ks))
     return out
+
+
+def mean_recall_bootstrap(scores: np.ndarray, text_to_image: np.ndarray | Sequence[int],
+                          ks: Sequence[int] = (1, 5, 10), n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """Mean recall of ``n_boot`` bootstrap resamples of the images (each image with all its texts;
+    the candidates stay the full set): [n_boot] values whose percentiles are a confidence interval."""
+    t2i = np.asarray(text_to_image, dtype=np.int64)
+    i2t_rank, t2i_rank = retrieval_ranks(scores, t2i)
+    n_images = len(i2t_rank)
+    image_hits = sum((i2t_rank < k).astype(np.float64) for k in ks)  # [n_images]
+    text_hits = np.bincount(t2i, weights=sum((t2i_rank < k).astype(np.float64) for k in ks), minlength=n_images)
+    texts = np.bincount(t2i, minlength=n_images).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=n_boot).astype(np.float64)
+    i2t = counts @ image_hits / n_images
+    t2i_mean = (counts @ text_hits) / (counts @ texts)
+    return (i2t + t2i_mean) / (2 * len(ks))
 
 
 def meta_ave(metrics: Mapping[str, float]) -> float:

@@ -44,7 +44,7 @@ from muvla.tasks.files import (
     missing_field,
     read_json,
 )
-from muvla.tasks.metrics import retrieval_recall
+from muvla.tasks.metrics import mean_recall_bootstrap, retrieval_recall
 from muvla.tasks.model import TaskHead, TaskModel
 from muvla.tasks.spec import DataOptions, EvalOptions, Evaluation, ReadOptions, TaskSpec
 from muvla.utils.config import ConfigError
@@ -281,8 +281,8 @@ def select_retrieval_subset(captions: Sequence[CaptionExample], max_images: int 
 
 @torch.no_grad()
 def retrieval_scores(model: TaskModel, captions: Sequence[CaptionExample], store: RegionStore, tokenizer: Any,
-                     *, batch_size: int = 64, max_text_len: int = DEFAULT_MAX_TEXT_LEN, device: torch.device | None = None
-                     ) -> tuple[np.ndarray, list[Any], list[int]]:
+                     *, batch_size: int = 64, max_text_len: int = DEFAULT_MAX_TEXT_LEN, device: torch.device | None = None,
+                     label: str = "") -> tuple[np.ndarray, list[Any], list[int]]:
     """ITM logit of every (image, caption) pair: (scores [n_images, n_captions], image ids,
     text_to_image). Captions are tokenized once; each image's regions are repeated per caption chunk."""
     if not isinstance(model.head, RetrievalHead):
@@ -294,7 +294,8 @@ def retrieval_scores(model: TaskModel, captions: Sequence[CaptionExample], store
                     return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"].bool()
     scores = np.zeros((len(image_ids), len(captions)), dtype=np.float32)
-    for row in progress(range(len(image_ids)), desc="retrieval", total=len(image_ids), unit="img"):
+    desc = "score image-caption pairs" + (f" [{label}]" if label else "")
+    for row in progress(range(len(image_ids)), desc=desc, total=len(image_ids), unit="img"):
         regions = get_regions(store, image_ids[row])
         feats = torch.from_numpy(np.asarray(regions.features, dtype=np.float32))[None]
         pos = torch.from_numpy(regions.position_features())[None]
@@ -326,9 +327,11 @@ def evaluate_retrieval(model: TaskModel, captions: Sequence[CaptionExample], rep
     subset = select_retrieval_subset(captions, options.max_images, options.max_captions_per_image)
     scores, image_ids, t2i = retrieval_scores(model, subset, options.store, options.tokenizer,
                                               batch_size=options.batch_size, max_text_len=options.max_text_len,
-                                              device=options.device)
+                                              device=options.device, label=options.label)
     metrics: dict[str, Any] = retrieval_recall(scores, t2i)
-    metrics.update({"n_images": len(image_ids), "n_captions": len(subset), "zero_shot": options.zero_shot})
+    low, high = np.percentile(mean_recall_bootstrap(scores, t2i), [2.5, 97.5])
+    metrics.update({"mean_recall_ci_low": float(low), "mean_recall_ci_high": float(high),
+                    "n_images": len(image_ids), "n_captions": len(subset), "zero_shot": options.zero_shot})
     return Evaluation(metrics, RetrievalPredictions(scores, image_ids, subset))
 
 
@@ -380,9 +383,12 @@ def plot_retrieval_recall(metrics: dict[str, Any], path: Path, title: str = "ret
 
 
 def write_extra_outputs(evaluation: Evaluation, folder: Path, stem: str, model_name: str) -> dict[str, str]:
-    """What ``muvla evaluate`` adds: the score matrix (scores_<stem>.npy) and the recall figure."""
+    """What ``muvla evaluate`` adds: the score matrix (scores_<stem>.npy [n_images, n_captions]), the
+    caption -> image row map (text_to_image_<stem>.npy, so two models' scores can be compared with a
+    paired bootstrap) and the recall figure."""
     preds: RetrievalPredictions = evaluation.predictions
     np.save(folder / f"scores_{stem}.npy", preds.scores)
+    np.save(folder / f"text_to_image_{stem}.npy", np.asarray(caption_index(preds.captions)[1], dtype=np.int64))
     kind = "zero-shot (ITM head)" if evaluation.metrics["zero_shot"] else "fine-tuned"
     title = f"{model_name} {kind}: {len(preds.image_ids)} images x {len(preds.captions)} captions"
     return {"figure": str(plot_retrieval_recall(evaluation.metrics, folder / "retrieval_recall.png", title))}

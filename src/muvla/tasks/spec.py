@@ -58,6 +58,7 @@ class EvalOptions:
     max_images: int = 0  # retrieval: score the first N images only (0 = all)
     max_captions_per_image: int = 0  # retrieval: 0 = all
     zero_shot: bool = False  # the model was not fine-tuned on this task (retrieval through the ITM head)
+    label: str = ""  # which model is scored, shown on the progress bar
 
     def collator(self) -> TaskCollator:
         return TaskCollator(self.tokenizer, self.max_text_len)
@@ -170,7 +171,7 @@ def predict_dataset(model: TaskModel, dataset: Dataset, options: EvalOptions
     boxes: list[np.ndarray] = []
     n = len(dataset)  # type: ignore[arg-type]
     size = options.batch_size
-    for start in progress(range(0, n, size), desc=f"eval {model.task}", total=(n + size - 1) // size):
+    for start in progress(range(0, n, size), desc=f"evaluate {model.task}" + (f" [{options.label}]" if options.label else ""), total=(n + size - 1) // size):
         batch = collate([dataset[i] for i in range(start, min(n, start + size))])
         out = model.predict(move_to_device(batch, options.device)).cpu()
         keys += batch.keys
