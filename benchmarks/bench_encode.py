@@ -1,13 +1,16 @@
 """Sentence-encoding benchmark: PyTorch vs ONNX Runtime, side by side on the COCO caption pool.
 
     python benchmarks/bench_encode.py [--data ../shared/data] [--limit N] [--chunk 2000] [--queries 1000]
+                                      [--variants st-encode,torch,onnx,onnx-1t]
 
 Variants (all all-MiniLM-L6-v2, CPU):
   st-encode  sentence-transformers' own ``encode`` (PyTorch, batches padded to their longest string):
              what the stages ran before, and the reference embeddings
-  torch      ``muvla.encoders.encode(backend="torch")``: PyTorch, strings grouped by exact token length
-  onnx       ``muvla.encoders.encode(backend="onnx")``: ONNX Runtime fp32 on the cached local export
-  onnx-1t    the same with one intra-op thread (thread tuning)
+  torch      ``muvla.encoders.encode(backend="torch")``: PyTorch, strings grouped by exact token
+             length (batch-independent)
+  onnx       ``muvla.encoders.encode(backend="onnx")``: ONNX Runtime fp32 on the cached local export,
+             strings grouped by exact token length (batch-independent)
+  onnx-1t    the same with one intra-op thread instead of one per core (thread tuning)
 
 Throughput: the pool is cut into chunks and every chunk is encoded by every variant in turn
 (A, B, C, A, B, C, ...), so machine load hits all of them alike. sentences/s = strings / seconds
@@ -63,7 +66,7 @@ def short_phrases(captions: list[str], n_captions: int) -> list[str]:
     return list(seen)
 
 
-def variants() -> dict[str, Encoder]:
+def variants(wanted: list[str]) -> dict[str, Encoder]:
     st = encoders.load_sentence_encoder()
 
     def st_encode(texts: list[str], batch_size: int) -> np.ndarray:
@@ -84,7 +87,10 @@ def variants() -> dict[str, Encoder]:
             out["onnx-1t"] = one_thread.encode
     else:
         print("onnxruntime is not installed: measuring the PyTorch variants only")
-    return out
+    unknown = sorted(set(wanted) - set(out) - {"onnx", "onnx-1t"})
+    if unknown:
+        raise SystemExit(f"bench_encode: unknown variants {unknown}; known: st-encode, torch, onnx, onnx-1t")
+    return {name: out[name] for name in wanted if name in out}
 
 
 def interleaved(fns: dict[str, Encoder], texts: list[str], chunk: int, batch_size: int
@@ -126,11 +132,13 @@ def main() -> int:
     parser.add_argument("--phrase-captions", type=int, default=6000, help="captions whose noun chunks are the phrases")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--probe", type=int, default=200)
+    parser.add_argument("--variants", default="st-encode,torch,onnx,onnx-1t",
+                        help="comma-separated; the first one is the reference (keep st-encode first)")
     args = parser.parse_args()
     os.environ.setdefault("MUVLA_NO_PROGRESS", "1")
 
     captions = load_pool(args.data, args.limit)
-    fns = variants()
+    fns = variants(args.variants.split(","))
     names = list(fns)
     for name in names:  # warm-up: one-time loading and export stay out of the timings
         fns[name](captions[:64], args.batch_size)

@@ -67,6 +67,8 @@ def run_by_length(ids: list[list[int]], batch_size: int, dim: int,
     single-process runs agree bit for bit). Equal-length batches need no padding, and both
     backends give a row the same bits whatever else is in a batch of two or more rows; a batch of
     one takes other kernels (float rounding differs, ~1e-7), so a lone string runs as a pair.
+    Padding cannot do the same: PyTorch picks attention kernels by padded length and by whether a
+    mask has any zero, so a padded string's bits follow its longest batch-mate.
     """
     by_length: dict[int, list[int]] = {}
     for i, seq in enumerate(ids):
