@@ -109,8 +109,9 @@ class CachedEncoder:
         new = list(dict.fromkeys(t for t in texts if t not in self.row))
         if new:
             fresh = encoders.encode(new, batch_size=128)
-            self.array = fresh if not self.row else np.concatenate([self.array, fresh])
-            self.row.update((t, len(self.row) + i) for i, t in enumerate(new))
+            first = len(self.row)
+            self.array = fresh if first == 0 else np.concatenate([self.array, fresh])
+            self.row.update((t, first + i) for i, t in enumerate(new))
             np.save(self.array_path, self.array)
             self.texts_path.write_text(json.dumps(list(self.row)), encoding="utf-8")
         return self.array[[self.row[t] for t in texts]]
