@@ -40,7 +40,7 @@ from muvla import encoders  # noqa: E402
 from muvla.phrases.stage import PhrasesConfig, run_phrases  # noqa: E402
 from muvla.regions.stage import RegionsConfig, run_regions  # noqa: E402
 from muvla.retrieval.devsets import DevSet, caption_simulation_devset, hidden_caption_devset  # noqa: E402
-from muvla.retrieval.evaluation import KS, bootstrap_recall, own_caption_hits, paired_difference  # noqa: E402
+from muvla.retrieval.evaluation import KS, Interval, bootstrap_recall, own_caption_hits, paired_difference  # noqa: E402
 from muvla.retrieval.rerank import RankingConfig, read_tagged_images  # noqa: E402
 from muvla.retrieval.stage import RetrievalConfig, run_retrieval  # noqa: E402
 from muvla.text.stage import TextConfig, run_text  # noqa: E402
@@ -117,7 +117,7 @@ class CachedEncoder:
         return self.array[[self.row[t] for t in texts]]
 
 
-def _cell(interval, j: int, signed: bool = False) -> str:
+def _cell(interval: Interval, j: int, signed: bool = False) -> str:
     f = "{:+.3f}" if signed else "{:.3f}"
     return f"{f.format(interval.mean[j])} [{f.format(interval.low[j])}, {f.format(interval.high[j])}]"
 

@@ -121,3 +121,8 @@ def test_simulation_on_the_real_pool_gives_thousands_of_queries() -> None:
     assert all(len(r) == 1 and not np.isin(r, e).any() for r, e in zip(devset.relevant, devset.excluded))
     people = sum("person" in im.tags for im in devset.images)
     assert people > len(devset.images) // 3
+
+
+def test_paired_difference_needs_the_same_images() -> None:
+    with pytest.raises(ValueError, match="shapes"):
+        paired_difference(np.zeros((4, 3), bool), np.zeros((5, 3), bool))

@@ -63,7 +63,7 @@ def bootstrap_recall(hits: np.ndarray, resamples: int = 2000, seed: int = 0) -> 
 
 def paired_difference(hits: np.ndarray, reference: np.ndarray, resamples: int = 2000, seed: int = 0) -> Interval:
     """Recall(hits) - recall(reference) per k, 95% interval from resampling the same images for both."""
-    diff = np.asarray(hits, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
-    if diff.shape != np.shape(hits) or np.shape(hits) != np.shape(reference):
+    if np.shape(hits) != np.shape(reference):
         raise ValueError(f"paired_difference: shapes {np.shape(hits)} and {np.shape(reference)} differ")
-    return bootstrap_recall(diff, resamples, seed)
+    return bootstrap_recall(np.asarray(hits, dtype=np.float64) - np.asarray(reference, dtype=np.float64),
+                            resamples, seed)
