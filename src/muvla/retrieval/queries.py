@@ -4,14 +4,19 @@
 order joined by spaces. It throws multiplicity away ("person person dog" -> "person dog"), while a
 caption says "two people and a dog". ``counted`` keeps it, in caption-like English:
 "two people, a dog" (most frequent first, ties by first occurrence), and drops generic whole-image
-tags (``GENERIC_TAGS``) unless nothing else is left.
+tags (``GENERIC_TAGS``) unless nothing else is left. ``salient`` phrases like ``counted`` but lists
+objects biggest first (by each class's largest box): how often a caption names an object grows with
+its size, while the most numerous objects are often clutter ("seven bottles, six forks, ...").
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
-QUERY_MODES = ("official", "counted")
+import numpy as np
+
+QUERY_MODES = ("official", "counted", "salient")
 
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight",
                 9: "nine", 10: "ten", 11: "eleven", 12: "twelve"}
@@ -87,10 +92,54 @@ def counted_query(tags: list[str]) -> str:
     return ", ".join(count_phrase(t, counts[t]) for t in ordered)
 
 
-def make_query(tags: list[str], mode: str = "official") -> str:
-    """The query of one image ('' when it has no usable tag; the caller records the skip)."""
+def salient_query(tags: list[str], areas: np.ndarray | None = None) -> str:
+    """Counted phrases, biggest object class first: "a dining table, four people, two chairs".
+
+    A class ranks by its largest box (area fraction); ties and missing or NaN areas keep first
+    occurrence. Generic whole-image tags are dropped as in ``counted``.
+    """
+    if areas is not None and len(areas) != len(tags):
+        raise ValueError(f"salient query: {len(tags)} tags but {len(areas)} areas")
+    sizes = np.zeros(len(tags)) if areas is None else np.nan_to_num(np.asarray(areas, dtype=np.float64), nan=0.0)
+    pairs = [(" ".join(str(t).split()), float(a)) for t, a in zip(tags, sizes) if t is not None and str(t).strip()]
+    specific = [(t, a) for t, a in pairs if t.lower() not in GENERIC_TAGS]
+    pairs = specific or pairs
+    counts: Counter[str] = Counter(t for t, _ in pairs)
+    largest: dict[str, float] = {}
+    for t, a in pairs:
+        largest[t] = max(largest.get(t, a), a)
+    ordered = sorted(largest, key=lambda t: -largest[t])  # stable: ties stay in first-occurrence order
+    return ", ".join(count_phrase(t, counts[t]) for t in ordered)
+
+
+@dataclass
+class TaggedImage:
+    """One image as the query sees it: region tags with detector scores and box area fractions.
+
+    ``areas`` are box area / image area (NaN when a source has no boxes).
+    """
+
+    image_id: str
+    tags: list[str]
+    scores: np.ndarray  # [n] float32
+    areas: np.ndarray  # [n] float32
+
+    def __post_init__(self) -> None:
+        if not len(self.tags) == len(self.scores) == len(self.areas):
+            raise ValueError(f"image {self.image_id!r}: {len(self.tags)} tags, {len(self.scores)} scores, "
+                             f"{len(self.areas)} areas")
+
+
+def make_query(tags: list[str], mode: str = "official", areas: np.ndarray | None = None) -> str:
+    """The query of one image ('' when it has no usable tag; the caller records the skip).
+
+    ``areas`` (box area fractions, one per tag) only matter to ``salient``; without them it keeps
+    first-occurrence order.
+    """
     if mode == "official":
         return official_query(tags)
     if mode == "counted":
         return counted_query(tags)
+    if mode == "salient":
+        return salient_query(tags, areas)
     raise ValueError(f"unknown query mode {mode!r}; choose one of {QUERY_MODES}")
