@@ -37,6 +37,7 @@ SENTENCES = [
     "A dog catches a frisbee in a park.",
     "Two horses graze in a green field.",
 ]
+REFERENCE = {"query_mode": "official", "hubness": "none"}  # the reference recipe: plain cosine top-K
 IMAGES = {
     "img-a": ["dog", "dog", "frisbee", "grass"],
     "img-b": ["pizza", "dining table"],
@@ -70,7 +71,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def flat_run(corpus: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     text, regions = corpus
     out = tmp_path_factory.mktemp("flat") / "ret"
-    run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5))
+    run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5, **REFERENCE))
     return out
 
 
@@ -140,7 +141,7 @@ def test_exclusion_list_is_honoured(corpus: tuple[Path, Path], flat_run: Path, t
     shutil.copytree(flat_run / "embeddings", out / "embeddings")
     excl = tmp_path / "exclude.txt"
     excl.write_text("0\n10\n# comment\n9\n", encoding="utf-8")
-    summary = run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5,
+    summary = run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5, **REFERENCE,
                                             exclude_sentence_ids=excl))
     assert summary["sentences_encoded_now"] == 0  # reused units
     topk = _topk(out)
@@ -162,7 +163,7 @@ def test_non_flat_index(corpus: tuple[Path, Path], flat_run: Path, tmp_path: Pat
     text, regions = corpus
     out = tmp_path / "ret"
     shutil.copytree(flat_run / "embeddings", out / "embeddings")
-    summary = run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5,
+    summary = run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5, **REFERENCE,
                                             index=index, nprobe=2))
     assert summary["index"] == index and (out / "index.faiss").exists()
     # nprobe == nlist (IVF) and a tiny graph (HNSW) make these searches exhaustive: same as Flat
@@ -180,15 +181,15 @@ def test_resume_after_losing_a_unit(corpus: tuple[Path, Path], flat_run: Path, t
     text, regions = corpus
     out = tmp_path / "ret"
     shutil.copytree(flat_run, out)
-    again = run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5))
+    again = run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5, **REFERENCE))
     assert again["reused"] is True and again["units_encoded_now"] == 0  # complete and up to date: nothing redone
     (out / "embeddings" / "part-00001.npy").unlink()  # a run killed while encoding: no topk yet, a unit missing
     (out / "topk.parquet").unlink()
-    summary = run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5))
+    summary = run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5, **REFERENCE))
     assert summary["units_encoded_now"] == 1 and summary["sentences_encoded_now"] == 5
     assert pq.read_table(out / "topk.parquet").equals(pq.read_table(flat_run / "topk.parquet"))
     with pytest.raises(ConfigError, match="unit_size=5 \\(this run: 4\\)"):
-        run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=4))
+        run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=4, **REFERENCE))
 
 
 def test_two_shards_equal_one(corpus: tuple[Path, Path], flat_run: Path, tmp_path: Path) -> None:
@@ -196,7 +197,8 @@ def test_two_shards_equal_one(corpus: tuple[Path, Path], flat_run: Path, tmp_pat
     out = tmp_path / "ret"
 
     def cfg(shard: int) -> RetrievalConfig:
-        return RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5, shard=shard, num_shards=2)
+        return RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5, shard=shard, num_shards=2,
+                               **REFERENCE)
 
     first = run_retrieval(cfg(0))
     assert first["status"] == "waiting_for_shards" and first["missing_units"] == ["part-00001.npy"]
@@ -215,7 +217,7 @@ def test_counted_mode_and_config_errors(corpus: tuple[Path, Path], flat_run: Pat
     out = tmp_path / "ret"
     shutil.copytree(flat_run / "embeddings", out / "embeddings")
     summary = run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=2, unit_size=5,
-                                            query_mode="counted"))
+                                            query_mode="counted", hubness="none"))
     queries = dict(zip(*pq.read_table(out / "queries.parquet").to_pydict().values()))
     assert queries["img-a"] == "two dogs, a frisbee, grass"
     assert queries["img-e"] == "three people, a train"
@@ -259,3 +261,20 @@ def test_real_coco_pool_smoke(tmp_path: Path, shared_data: Path) -> None:
     found = sum(bool({texts[s] for s in ids} & own_text[i]) for i, ids in topk.items())
     # the images' own captions are in the pool: retrieval must find some of them (measured 0.7 at K=5 on 80 images)
     assert found >= len(topk) // 3
+
+
+def test_default_salient_queries_with_hubness_reranking(corpus: tuple[Path, Path], flat_run: Path,
+                                                      tmp_path: Path) -> None:
+    """The default ranks candidates by cos - r_s/2 (CSLS): scores are sorted, cosines kept beside them."""
+    text, regions = corpus
+    out = tmp_path / "ret"
+    shutil.copytree(flat_run / "embeddings", out / "embeddings")
+    summary = run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5))
+    assert summary["query_mode"] == "salient" and summary["hubness_correction"] == "csls"
+    table = pq.read_table(out / "topk.parquet").to_pandas()
+    for _, group in table.groupby("image_id"):
+        assert (np.diff(group.sort_values("rank").score.to_numpy()) <= 1e-6).all()
+    assert (table.cosine >= table.score).all()  # the correction only subtracts a sentence's hubness
+    queries = dict(zip(*pq.read_table(out / "queries.parquet").to_pydict().values()))
+    assert queries["img-a"] == "two dogs, a frisbee, grass"  # no boxes of different size: first occurrence
+    assert _topk(out)["img-b"][0] == 1 and _topk(out)["img-d"][0] == 9

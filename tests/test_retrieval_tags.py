@@ -10,7 +10,7 @@ import pytest
 from muvla.corpus.layout import RegionsOutput
 from muvla.corpus.regions import ImageRegions
 from muvla.corpus.synthetic import write_region_store
-from muvla.retrieval.stage import confident_region_tags
+from muvla.retrieval.rerank import read_tagged_images
 
 
 def _store(root: Path) -> RegionsOutput:
@@ -25,12 +25,14 @@ def _store(root: Path) -> RegionsOutput:
 
 def test_low_scored_tags_leave_the_query_but_the_best_tag_stays(tmp_path: Path) -> None:
     root = _store(tmp_path / "regions")
-    ids, tags = confident_region_tags(root, 0.5)
-    assert ids == ["a", "b"]
-    assert tags == [["dog", "frisbee"], ["jellyfish"]]  # b: nothing passes, its best tag is kept
+    images = read_tagged_images(root.root, 0.5)
+    assert [im.image_id for im in images] == ["a", "b"]
+    assert [im.tags for im in images] == [["dog", "frisbee"], ["jellyfish"]]  # b: nothing passes, its best tag stays
 
 
 @pytest.mark.parametrize("threshold", [0.0, -1.0])
 def test_no_threshold_is_the_reference_recipe(tmp_path: Path, threshold: float) -> None:
     root = _store(tmp_path / "regions")
-    assert confident_region_tags(root, threshold) == root.image_tags()
+    ids, tags = root.image_tags()
+    images = read_tagged_images(root.root, threshold)
+    assert [im.image_id for im in images] == ids and [im.tags for im in images] == [[t for t in ts if t] for ts in tags]

@@ -34,7 +34,7 @@ from muvla.utils.shards import atomic_file
 
 SENTENCES_SCHEMA = pa.schema([("sentence_id", pa.int64()), ("text", pa.string()), ("source", pa.string())])
 TOPK_SCHEMA = pa.schema([("image_id", pa.string()), ("rank", pa.int32()), ("sentence_id", pa.int64()),
-                         ("score", pa.float32())])
+                         ("score", pa.float32()), ("cosine", pa.float32())])
 QUERIES_SCHEMA = pa.schema([("image_id", pa.string()), ("query", pa.string())])
 PHRASES_SCHEMA = pa.schema([
     ("sentence_id", pa.int64()),
@@ -231,7 +231,8 @@ class TopK:
     image_id: list[str]
     rank: np.ndarray  # [n] int32, 0..K-1 within an image
     sentence_id: np.ndarray  # [n] int64
-    score: np.ndarray  # [n] float32 (NaN for baseline pairings)
+    score: np.ndarray  # [n] float32, what the ranking sorted by (NaN for baseline pairings)
+    cosine: np.ndarray | None = None  # [n] float32, the plain query-sentence cosine (NaN for baselines)
 
     def __len__(self) -> int:
         return len(self.image_id)
@@ -249,7 +250,9 @@ class TopK:
         return pa.table({"image_id": pa.array(self.image_id, pa.string()),
                          "rank": pa.array(np.asarray(self.rank, dtype=np.int32), pa.int32()),
                          "sentence_id": pa.array(np.asarray(self.sentence_id, dtype=np.int64), pa.int64()),
-                         "score": pa.array(np.asarray(self.score, dtype=np.float32), pa.float32())},
+                         "score": pa.array(np.asarray(self.score, dtype=np.float32), pa.float32()),
+                         "cosine": pa.array(np.asarray(self.score if self.cosine is None else self.cosine,
+                                                       dtype=np.float32), pa.float32())},
                         schema=TOPK_SCHEMA)
 
 
@@ -314,7 +317,7 @@ class RetrievalOutput:
         filters = [("image_id", "in", list(image_ids))] if image_ids is not None else None
         if image_ids is not None and not image_ids:
             return TopK([], np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.float32))
-        t = _read(self.topk, TOPK_SCHEMA, filters=filters)
+        t = _read(self.topk, TOPK_SCHEMA, columns=["image_id", "rank", "sentence_id", "score"], filters=filters)
         return TopK(image_id=[str(i) for i in t.column("image_id").to_pylist()],
                     rank=t.column("rank").to_numpy().astype(np.int32),
                     sentence_id=t.column("sentence_id").to_numpy().astype(np.int64),

@@ -75,6 +75,23 @@ class ImageRegions:
 
 
 @dataclass
+class RegionGeometry:
+    """What retrieval needs of an image's regions: tags, boxes [n, 4] and scores [n] (no features)."""
+
+    image_id: str
+    width: int
+    height: int
+    tags: list[str]
+    boxes: np.ndarray
+    scores: np.ndarray
+
+    def areas(self) -> np.ndarray:
+        """[n] each box's area as a fraction of the image."""
+        b = self.boxes.reshape(-1, 4)
+        return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) / float(self.width * self.height)
+
+
+@dataclass
 class RejectRecord:
     """One skipped input, as written to rejected.jsonl."""
 
@@ -303,6 +320,20 @@ class RegionStore:
             features=np.array(arrays["features"][row, :n]),
             class_probs=None if probs is None else np.array(probs[row, :n]),
         )
+
+    def geometry(self, i: int) -> RegionGeometry:
+        """Tags, boxes and scores of the i-th image without touching its features (cheap at scale)."""
+        idx = self._index
+        arrays = self._part(idx["part"][i])
+        row, n = int(idx["row"][i]), int(idx["num_regions"][i])
+        return RegionGeometry(image_id=idx["image_id"][i], width=int(idx["width"][i]), height=int(idx["height"][i]),
+                              tags=[str(t) if t is not None else "" for t in idx["tags"][i]],
+                              boxes=np.array(arrays["boxes"][row, :n], dtype=np.float32),
+                              scores=np.array(arrays["scores"][row, :n], dtype=np.float32))
+
+    def iter_geometry(self) -> Iterator[RegionGeometry]:
+        for i in range(len(self.image_ids)):
+            yield self.geometry(i)
 
     def __iter__(self) -> Iterator[ImageRegions]:
         """Stream images in index order (part by part, so one part's arrays are touched at a time)."""

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from muvla.corpus.regions import RegionStore
 from muvla.retrieval.queries import QUERY_MODES, TaggedImage, make_query
 
 HUBNESS_CORRECTIONS = ("none", "csls")
@@ -159,27 +159,16 @@ def rank_images(images: list[TaggedImage], index: Any, sentence_embeddings: np.n
 def read_tagged_images(regions: Path, min_tag_score: float = 0.0) -> list[TaggedImage]:
     """Every image of a region store with its tags, scores and box area fractions (region order).
 
-    Reads the merged index and memory-maps only each part's ``boxes.npy`` / ``scores.npy`` (the
-    store's layout), never the features, so it stays cheap for millions of images.
-    ``min_tag_score > 0`` leaves lower-scored tags out, but the best tag always stays (as the stage's
-    ``min_tag_score``).
+    Reads only the index, boxes and scores (``RegionStore.iter_geometry``), never the features, so it
+    stays cheap for millions of images. ``min_tag_score > 0`` leaves lower-scored tags out, but the
+    best tag always stays (as the stage's ``min_tag_score``).
     """
-    root = Path(regions)
-    columns = ["image_id", "width", "height", "row", "num_regions", "tags", "part"]
-    index = pq.read_table(root / "index.parquet", columns=columns).to_pydict()
-    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     images = []
-    for image_id, width, height, row, n, tags, part in zip(*(index[c] for c in columns)):
-        if part not in arrays:
-            folder = root / "parts" / part
-            arrays[part] = (np.load(folder / "boxes.npy", mmap_mode="r"), np.load(folder / "scores.npy", mmap_mode="r"))
-        boxes = np.asarray(arrays[part][0][row, :n], dtype=np.float32).reshape(-1, 4)
-        scores = np.asarray(arrays[part][1][row, :n], dtype=np.float32)
-        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / float(width * height)
-        tags = list(tags or [])
-        keep = [j for j, t in enumerate(tags) if t and scores[j] >= min_tag_score]
-        named = [j for j, t in enumerate(tags) if t]
+    for g in RegionStore(Path(regions)).iter_geometry():
+        areas = g.areas()
+        keep = [j for j, t in enumerate(g.tags) if t and g.scores[j] >= min_tag_score]
+        named = [j for j, t in enumerate(g.tags) if t]
         if not keep and named:
-            keep = [max(named, key=lambda j: scores[j])]
-        images.append(TaggedImage(str(image_id), [tags[j] for j in keep], scores[keep], areas[keep]))
+            keep = [max(named, key=lambda j: g.scores[j])]
+        images.append(TaggedImage(str(g.image_id), [g.tags[j] for j in keep], g.scores[keep], areas[keep]))
     return images

@@ -11,13 +11,15 @@ Steps:
    any index-factory string, trained on a sample when the index needs training). Excluded
    sentences are left out of the index, so exclusion is exact for every index type.
 4. build one query per image from its region tags (``queries.py``), encode each distinct query
-   once, search in batches, write ``queries.parquet`` and ``topk.parquet``.
+   once, search in batches and re-rank each image's candidates against hub sentences
+   (``rerank.py``, CSLS by default), write ``queries.parquet`` and ``topk.parquet``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
@@ -38,7 +40,8 @@ from muvla.corpus.provenance import (
     prepare_output,
     reused_summary,
 )
-from muvla.retrieval.queries import QUERY_MODES, make_query
+from muvla.retrieval.queries import QUERY_MODES, TaggedImage
+from muvla.retrieval.rerank import HUBNESS_CORRECTIONS, RankingConfig, rank_images, read_tagged_images
 from muvla.utils.config import ConfigError, check_choices, output_settings, save_config, setting
 from muvla.utils.progress import progress
 from muvla.utils.shards import UnitPlan, atomic_file, clean_stale_tmp, unit_ranges
@@ -53,9 +56,14 @@ class RetrievalSettings:
     model: str = setting("default", help="Sentence-BERT: 'default' (bundled all-MiniLM-L6-v2), a local folder, "
                                          "or a name in the local HuggingFace cache")
     k: int = setting(DEFAULT_K, help="sentences retrieved per image (K)")
-    query_mode: str = setting("official", choices=QUERY_MODES,
-                              help="official: de-duplicated tags joined by spaces (the reference recipe); "
-                                   "counted: caption-like with counts ('two dogs, a frisbee')")
+    query_mode: str = setting("salient", choices=QUERY_MODES,
+                              help="salient: caption-like with counts, biggest objects first ('a man, two dogs'); "
+                                   "official: de-duplicated tags joined by spaces (the reference recipe); "
+                                   "counted: counts, most numerous first")
+    hubness: str = setting("csls", choices=HUBNESS_CORRECTIONS,
+                           help="csls: re-rank each image's top 100 by cos - r_s/2, r_s = the sentence's mean "
+                                "cosine to its 10 nearest queries (sentences near everybody pay); none: plain "
+                                "cosine top-K (the reference recipe)")
     index: str = setting("Flat", help="faiss index-factory string (inner product on unit vectors): Flat = exact, "
                                       "or e.g. IVF4096,Flat / HNSW32 / IVF4096,PQ32")
     nprobe: int = setting(16, help="IVF indexes: lists searched per query")
@@ -103,27 +111,6 @@ class RetrievalConfig(RetrievalSettings, StageRun):
         if not RegionsOutput(Path(self.regions)).index.exists():
             raise ConfigError(f"retrieval: {RegionsOutput(Path(self.regions)).index} not found "
                               "(run the regions stage)")
-
-
-def confident_region_tags(regions: RegionsOutput, min_score: float) -> tuple[list[str], list[list[str]]]:
-    """(image ids, per-image tags) keeping only tags whose region score is >= ``min_score``.
-
-    WHY: a weak detector labels many regions with unrelated classes; those tags pull the query away
-    from the image. The best-scored tag always stays so no image loses its query. ``min_score <= 0``
-    keeps every tag (the reference recipe).
-    """
-    if min_score <= 0:
-        return regions.image_tags()
-    ids: list[str] = []
-    kept: list[list[str]] = []
-    for image in regions.store():
-        scores = np.asarray(image.scores, dtype=np.float32)
-        keep = [t for t, sc in zip(image.tags, scores) if sc >= min_score and t]
-        if not keep and len(scores):
-            keep = [image.tags[int(np.argmax(scores))]]
-        ids.append(str(image.image_id))
-        kept.append([t for t in keep if t])
-    return ids, kept
 
 
 def read_exclusions(path: Path | None, n_sentences: int) -> np.ndarray:
@@ -243,59 +230,46 @@ def _index_over(cfg: RetrievalSettings, output: RetrievalOutput, plan: UnitPlan,
     return index, keep, False
 
 
-@dataclass
-class _Queries:
-    """One query per image with usable tags; identical strings are encoded and searched once."""
+class UnitEmbeddings:
+    """Rows of the sentence embedding units by index position, read from memory-mapped parts on
+    demand (the ranking step reads only its candidates' rows, never all 3M sentences at once)."""
 
-    image_ids: list[str]
-    texts: list[str]
-    skipped: list[dict[str, str]]
+    def __init__(self, plan: UnitPlan, unit_size: int, index_ids: np.ndarray) -> None:
+        self.parts = [np.load(plan.path(u), mmap_mode="r") for u in range(plan.n_units)]
+        self.unit_size = unit_size
+        self.index_ids = index_ids
 
-    @property
-    def unique(self) -> list[str]:
-        return list(dict.fromkeys(self.texts))
+    def __len__(self) -> int:
+        return len(self.index_ids)
 
-
-def _make_queries(image_ids: list[str], image_tags: list[list[str]], mode: str) -> _Queries:
-    queries = _Queries([], [], [])
-    for image_id, tags in zip(image_ids, image_tags):
-        q = make_query(tags, mode)
-        if q:
-            queries.image_ids.append(image_id)
-            queries.texts.append(q)
-        else:
-            queries.skipped.append({"image_id": image_id, "reason": "no region tags"})
-    return queries
+    def __getitem__(self, positions: np.ndarray) -> np.ndarray:
+        sids = self.index_ids[np.asarray(positions, dtype=np.int64)]
+        return np.stack([self.parts[s // self.unit_size][s % self.unit_size] for s in sids]).astype(np.float32)
 
 
-def _search(cfg: RetrievalSettings, index: Any, index_ids: np.ndarray, queries: _Queries, k: int) -> TopK:
-    """Top-k sentences of every image, in image order (an approximate index may return fewer)."""
-    unique = queries.unique
-    labels = np.full((len(unique), k), -1, dtype=np.int64)
-    scores = np.zeros((len(unique), k), dtype=np.float32)
-    batches = range(0, len(unique), cfg.query_batch_size)
-    for start in progress(batches, desc="retrieve sentences", total=len(batches), unit="batch"):
-        chunk = unique[start:start + cfg.query_batch_size]
-        q_emb = encoders.encode(chunk, batch_size=cfg.encode_batch_size, model=cfg.model, device=cfg.device,
-                                backend=cfg.encoder_backend)
-        d, i = index.search(q_emb, k)
-        labels[start:start + len(chunk)] = i
-        scores[start:start + len(chunk)] = d
-    pos = {q: j for j, q in enumerate(unique)}
-    rows_image, rows_rank, rows_sid, rows_score = [], [], [], []
-    for image_id, q in zip(queries.image_ids, queries.texts):
-        j = pos[q]
+def _search(cfg: RetrievalSettings, index: Any, index_ids: np.ndarray, embeddings: UnitEmbeddings,
+            images: list[TaggedImage], k: int) -> tuple[TopK, list[str]]:
+    """Top-k sentences of every image in image order (an approximate index may return fewer), and
+    the query of each image ('' = no usable tag)."""
+    ranking = RankingConfig(query_mode=cfg.query_mode, hubness=cfg.hubness, query_batch_size=cfg.query_batch_size)
+    encode = functools.partial(encoders.encode, batch_size=cfg.encode_batch_size, model=cfg.model,
+                               device=cfg.device, backend=cfg.encoder_backend)
+    ranked = rank_images(images, index, embeddings, k, ranking, encode)
+    rows_image, rows_rank, rows_sid, rows_score, rows_cos = [], [], [], [], []
+    for i, image in enumerate(images):
         found = 0
         for r in range(k):
-            if labels[j, r] < 0:
+            if ranked.ids[i, r] < 0:
                 continue
-            rows_image.append(image_id)
+            rows_image.append(image.image_id)
             rows_rank.append(found)
-            rows_sid.append(int(index_ids[labels[j, r]]))
-            rows_score.append(float(scores[j, r]))
+            rows_sid.append(int(index_ids[ranked.ids[i, r]]))
+            rows_score.append(float(ranked.scores[i, r]))
+            rows_cos.append(float(ranked.cosines[i, r]))
             found += 1
-    return TopK(rows_image, np.asarray(rows_rank, np.int32), np.asarray(rows_sid, np.int64),
-                np.asarray(rows_score, np.float32))
+    topk = TopK(rows_image, np.asarray(rows_rank, np.int32), np.asarray(rows_sid, np.int64),
+                np.asarray(rows_score, np.float32), np.asarray(rows_cos, np.float32))
+    return topk, ranked.queries
 
 
 def _hubness(topk: TopK, n_indexed: int, n: int) -> dict[str, Any]:
@@ -367,24 +341,26 @@ def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
     k = min(cfg.k, int(keep.size))
     set_search_params(index, cfg.nprobe, k)
 
-    queries = _make_queries(*confident_region_tags(regions, cfg.min_tag_score), cfg.query_mode)
+    images = read_tagged_images(regions.root, cfg.min_tag_score)
     encoders.get_encoder(cfg.model, cfg.device, cfg.encoder_backend)  # load outside the timed loop
     t0 = time.time()
-    topk = _search(cfg, index, index_ids, queries, k)
+    topk, queries = _search(cfg, index, index_ids, UnitEmbeddings(plan, cfg.unit_size, index_ids), images, k)
     query_seconds = time.time() - t0
-    output.write_queries(queries.image_ids, queries.texts)
+    with_query = [(im.image_id, q) for im, q in zip(images, queries) if q]
+    skipped = [{"image_id": im.image_id, "reason": "no region tags"} for im, q in zip(images, queries) if not q]
+    output.write_queries([i for i, _ in with_query], [q for _, q in with_query])
     output.write_topk(topk)
     with atomic_file(output.skipped) as tmp:
-        tmp.write_text("".join(json.dumps(s) + "\n" for s in queries.skipped), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(s) + "\n" for s in skipped), encoding="utf-8")
     n_short = sum(1 for pairs in topk.by_image().values() if len(pairs) < cfg.k)
+    unique = len({q for _, q in with_query})
     summary.update(
-        status="done", query_mode=cfg.query_mode, index=cfg.index, k=cfg.k,
+        status="done", query_mode=cfg.query_mode, hubness_correction=cfg.hubness, index=cfg.index, k=cfg.k,
         excluded_sentences=int(excluded.size), indexed_sentences=int(keep.size),
-        images=len(queries.image_ids) + len(queries.skipped), queries=len(queries.texts),
-        unique_queries=len(queries.unique), images_skipped=len(queries.skipped),
-        skipped_examples=[q["image_id"] for q in queries.skipped[:20]], images_with_fewer_than_k=int(n_short),
+        images=len(images), queries=len(with_query), unique_queries=unique, images_skipped=len(skipped),
+        skipped_examples=[q["image_id"] for q in skipped[:20]], images_with_fewer_than_k=int(n_short),
         query_seconds=round(query_seconds, 3),
-        queries_per_s=round(len(queries.unique) / query_seconds, 1) if queries.unique and query_seconds > 0 else None,
+        queries_per_s=round(unique / query_seconds, 1) if unique and query_seconds > 0 else None,
         hubness=_hubness(topk, int(keep.size), n),
     )
     _write_summary(output.root / "summary.json", summary)
