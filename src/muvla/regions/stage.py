@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from muvla.corpus.regions import RegionPartWriter, merge_region_parts, read_rejected
+from muvla.corpus.regions import ImageRegions, RegionPartWriter, merge_region_parts, read_rejected
 from muvla.regions.detector import (
     ButdBackend,
     CocoInstancesBackend,
@@ -27,15 +27,18 @@ from muvla.regions.detector import (
     InputItem,
     VinVLBackend,
 )
+from muvla.regions.detectors import build_detector_backend, resolve_auto_backend
 from muvla.regions.images import RejectedImage
+from muvla.regions.object_regions import ObjectDetectorBackend
 from muvla.regions.proposals import ProposalConfig
 from muvla.utils.config import ConfigError, save_config
 from muvla.utils.progress import progress
 from muvla.utils.shards import atomic_dir, atomic_file, clean_stale_tmp, resolve_shard, unit_name, unit_ranges
 
-BACKENDS = ("detector", "coco-instances", "vinvl-tsv", "butd-tsv")
+BACKENDS = ("detector", "coco-instances", "vinvl-tsv", "butd-tsv", "centernet", "transformers", "auto")
+IMAGE_BACKENDS = ("detector", "coco-instances", "centernet", "transformers", "auto")
 # Fields that only change speed or who does the work; all others change the outputs.
-_RUNTIME_FIELDS = ("batch_size", "shard", "num_shards", "progress", "num_threads")
+_RUNTIME_FIELDS = ("batch_size", "shard", "num_shards", "progress", "num_threads", "detector_batch_size", "device")
 
 
 @dataclass
@@ -52,7 +55,7 @@ class RegionsConfig:
     max_regions: int = 36
     nms_iou: float = 0.5
     min_box_frac: float = 0.01
-    crop_size: int = 224
+    crop_size: int | None = None     # crop side for region features (None: 224, or 128 for centernet/transformers)
     batch_size: int = 32
     unit_size: int = 64
     store_class_probs: bool = False
@@ -62,6 +65,13 @@ class RegionsConfig:
     proposal_scales: tuple[float, ...] = (400.0, 150.0, 50.0)
     max_proposals: int = 48
     weights: Path | None = None
+    min_score: float = 0.15          # centernet/transformers: detections scored below this are not stored
+    detector_weights: Path | None = None  # centernet: folder with centernet.json/.bin (None = verified cache)
+    detector_model: str | None = None     # transformers: HF hub name or local folder of a detector
+    vocabulary: Path | None = None   # transformers zero-shot: class names, one per line (None = shipped VG-size list)
+    tag_words: Path | None = None    # JSON {class name: caption word} (None = shipped COCO table)
+    detector_batch_size: int = 4     # images per detector call (their crops share backbone batches)
+    device: str = "auto"             # transformers: auto (GPU when present) | cpu | cuda[:i]
     num_threads: int | None = None    # torch CPU threads for this run (None = torch default)
     progress: bool = True
 
@@ -73,20 +83,27 @@ class RegionsConfig:
             "coco-instances": ("images", "coco_instances"),
             "vinvl-tsv": ("vinvl_features", "vinvl_predictions"),
             "butd-tsv": ("butd_tsv",),
+            "centernet": ("images",),
+            "transformers": ("images", "detector_model"),
+            "auto": ("images",),
         }[self.backend]
         for name in needed:
             if getattr(self, name) is None:
                 raise ConfigError(f"regions backend {self.backend!r} needs {name!r}")
         if self.max_regions < 1:
             raise ConfigError(f"max_regions must be >= 1, got {self.max_regions}")
-        if self.backend in ("detector", "coco-instances") and self.max_regions < 2:
+        if self.backend in IMAGE_BACKENDS and self.max_regions < 2:
             raise ConfigError("max_regions must be >= 2 for image backends (region 0 is the whole image)")
         if not 0.0 < self.nms_iou <= 1.0:
             raise ConfigError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
         if not 0.0 <= self.min_box_frac < 1.0:
             raise ConfigError(f"min_box_frac must be in [0, 1), got {self.min_box_frac}")
-        if not 32 <= self.crop_size <= 1024:
+        if self.crop_size is not None and not 32 <= self.crop_size <= 1024:
             raise ConfigError(f"crop_size must be in [32, 1024], got {self.crop_size}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ConfigError(f"min_score must be in [0, 1], got {self.min_score}")
+        if self.detector_batch_size < 1:
+            raise ConfigError(f"detector_batch_size must be >= 1, got {self.detector_batch_size}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_threads is not None and self.num_threads < 1:
@@ -111,17 +128,22 @@ class RegionsConfig:
                               min_box_frac=self.min_box_frac, max_proposals=self.max_proposals)
 
 
-RegionBackend = DetectorBackend | CocoInstancesBackend | VinVLBackend | ButdBackend
+RegionBackend = DetectorBackend | CocoInstancesBackend | VinVLBackend | ButdBackend | ObjectDetectorBackend
 
 
 def build_backend(cfg: RegionsConfig) -> RegionBackend:
     """The backend named by ``cfg.backend`` (the backbone is loaded only for image backends)."""
-    if cfg.backend in ("detector", "coco-instances"):
+    if cfg.backend == "auto":
+        cfg = dataclasses.replace(cfg, backend=resolve_auto_backend())
+    if cfg.backend in IMAGE_BACKENDS:
         if not Path(cfg.images).is_dir():
             raise ConfigError(f"image folder not found: {cfg.images}")
         from muvla.regions.efficientnet import load_lite0
 
-        featurizer = CropFeaturizer(load_lite0(cfg.weights), crop_size=cfg.crop_size, batch_size=cfg.batch_size)
+        crop_size = cfg.crop_size or (128 if cfg.backend in ("centernet", "transformers") else 224)
+        featurizer = CropFeaturizer(load_lite0(cfg.weights), crop_size=crop_size, batch_size=cfg.batch_size)
+        if cfg.backend in ("centernet", "transformers"):
+            return build_detector_backend(cfg, featurizer)
         if cfg.backend == "detector":
             return DetectorBackend(cfg.images, max_regions=cfg.max_regions, nms_iou=cfg.nms_iou,
                                    proposals=cfg.proposal_config(), featurizer=featurizer)
@@ -167,12 +189,21 @@ def _process_unit(backend: RegionBackend, items: list[InputItem], cfg: RegionsCo
     writer = RegionPartWriter(max_regions=cfg.max_regions, feature_dim=backend.feature_dim,
                               capacity=len(items), num_classes=len(backend.classes),
                               store_class_probs=cfg.store_class_probs)
-    for item in items:
+    batched: dict[int, tuple[ImageRegions, dict[str, int]] | RejectedImage] = {}
+    if isinstance(backend, ObjectDetectorBackend):  # several images per detector call
+        todo = [i for i, it in enumerate(items) if it.reject is None]
+        for s in range(0, len(todo), cfg.detector_batch_size):
+            chunk = todo[s:s + cfg.detector_batch_size]
+            batched.update(zip(chunk, backend.process_batch([items[i] for i in chunk])))
+    for pos, item in enumerate(items):
         if item.reject is not None:
             writer.reject(item.file, item.reject, item.image_id)
         else:
             try:
-                regions, stats = backend.process(item)
+                result = batched[pos] if pos in batched else backend.process(item)
+                if isinstance(result, RejectedImage):
+                    raise result
+                regions, stats = result
             except RejectedImage as rej:
                 writer.reject(item.file, rej.reason, item.image_id)
             else:
@@ -195,7 +226,7 @@ def _merged_summary(out: Path, n_inputs: int, n_parts: int, stats: dict[str, int
 
     index = pq.read_table(out / "index.parquet", columns=["num_regions"]).column("num_regions").to_pylist()
     rejected = read_rejected(out / "rejected.jsonl")
-    whole_only = sum(1 for n in index if n == 1) if backend in ("detector", "coco-instances") else 0
+    whole_only = sum(1 for n in index if n == 1) if backend in IMAGE_BACKENDS else 0
     return {
         "stage": "regions",
         "backend": backend,
@@ -231,6 +262,8 @@ def _run(cfg: RegionsConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     shard = resolve_shard(cfg.shard, cfg.num_shards)
+    if cfg.backend == "auto":  # record the backend actually used, so parts of two backends never mix
+        cfg = dataclasses.replace(cfg, backend=resolve_auto_backend())
     backend = build_backend(cfg)
     items = backend.list_inputs()
     if not items:
