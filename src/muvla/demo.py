@@ -80,7 +80,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out).resolve()
     save_config(cfg, out / "demo", inputs={"images": list(SAMPLE_IMAGES), "corpus": str(demo_captions_path())})
     write_sample_images(out / "images")
-    corpus_cfg = CorpusConfig(out=out, images=out / "images", corpus=[demo_captions_path()], k=cfg.k,
+    corpus_cfg = CorpusConfig(out=out, images=out / "images", corpus=[demo_captions_path()], k=cfg.k, backend="auto",
                               query_mode=cfg.query_mode, regions={"max_regions": cfg.max_regions}, report=False)
     result = run_corpus(corpus_cfg)
     if cfg.pretrain_steps:

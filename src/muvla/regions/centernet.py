@@ -49,7 +49,7 @@ def letterbox(image: np.ndarray, size: int = INPUT_SIZE) -> tuple[torch.Tensor, 
     height, width = image.shape[:2]
     scale = min(size / height, size / width)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
     resized = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
     canvas = torch.zeros((size, size, 3), dtype=torch.float32)
     dx, dy = (size - new_w) // 2, (size - new_h) // 2

@@ -27,7 +27,6 @@ from muvla.regions.detector import (
     InputItem,
     VinVLBackend,
 )
-from muvla.regions.detectors import build_detector_backend, resolve_auto_backend
 from muvla.regions.images import RejectedImage
 from muvla.regions.object_regions import ObjectDetectorBackend
 from muvla.regions.proposals import ProposalConfig
@@ -133,6 +132,11 @@ RegionBackend = DetectorBackend | CocoInstancesBackend | VinVLBackend | ButdBack
 
 def build_backend(cfg: RegionsConfig) -> RegionBackend:
     """The backend named by ``cfg.backend`` (the backbone is loaded only for image backends)."""
+    from muvla.regions.detectors import (  # imports the weights module
+        build_detector_backend,
+        resolve_auto_backend,
+    )
+
     if cfg.backend == "auto":
         cfg = dataclasses.replace(cfg, backend=resolve_auto_backend())
     if cfg.backend in IMAGE_BACKENDS:
@@ -263,6 +267,8 @@ def _run(cfg: RegionsConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     shard = resolve_shard(cfg.shard, cfg.num_shards)
     if cfg.backend == "auto":  # record the backend actually used, so parts of two backends never mix
+        from muvla.regions.detectors import resolve_auto_backend
+
         cfg = dataclasses.replace(cfg, backend=resolve_auto_backend())
     backend = build_backend(cfg)
     items = backend.list_inputs()
