@@ -50,5 +50,5 @@ def build_detector_backend(cfg: RegionsConfig, featurizer: CropFeaturizer) -> Ob
         return HFDetectorBackend(cfg.images, featurizer, selection, model=str(cfg.detector_model),
                                  vocabulary=cfg.vocabulary, device=cfg.device, tag_words=tag_words,
                                  batch_images=cfg.detector_batch_size)
-    except WeightsError as err:
+    except (WeightsError, ValueError) as err:
         raise ConfigError(str(err)) from err
