@@ -71,7 +71,33 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     owl.save_pretrained(root / "owl")
     image_processor = OwlViTImageProcessorPil(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64})
     OwlViTProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root / "owl")
-    return {"yolos": root / "yolos", "owl": root / "owl"}
+    # Grounding DINO: tiny Swin backbone + tiny BERT text encoder (two decoder layers: one breaks weight tying)
+    from transformers import (
+        BertConfig,
+        BertTokenizerFast,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+    from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "cat", "dog", "tv", "table"]
+    (root / "gd").mkdir()
+    (root / "gd" / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    gd = GroundingDinoForObjectDetection(GroundingDinoConfig(
+        backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
+                                   image_size=64, out_features=["stage2", "stage3", "stage4"]),
+        text_config=BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=64),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10, num_feature_levels=4, encoder_n_points=2,
+        decoder_n_points=2, use_timm_backbone=False, use_pretrained_backbone=False))
+    gd.save_pretrained(root / "gd")
+    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(size={"shortest_edge": 128, "longest_edge": 128}),
+                           tokenizer=BertTokenizerFast(vocab_file=str(root / "gd" / "vocab.txt"))
+                           ).save_pretrained(root / "gd")
+    return {"yolos": root / "yolos", "owl": root / "owl", "gd": root / "gd"}
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +135,32 @@ def test_zero_shot_vocabulary_is_chunked_without_changing_scores(tiny_models):
     np.testing.assert_allclose(per_chunk.max(axis=0), a.scores, rtol=1e-5)
     ids = b.class_ids.reshape(3, patches)  # chunk labels are offset into the whole vocabulary
     assert set(ids[0]) <= {0, 1} and set(ids[1]) <= {2, 3} and set(ids[2]) == {4}
+
+
+def test_grounding_dino_scores_a_class_by_its_phrase_tokens(tiny_models, monkeypatch):
+    import muvla.regions.hf_detector as hf
+
+    names = ["cat", "dog", "dining table", "tv"]
+    image = (np.random.default_rng(2).random((40, 70, 3)) * 255).astype(np.uint8)
+    detector = HFDetector(str(tiny_models["gd"]), names, device="cpu", min_score=0.0)
+    assert detector.chunks() == [(0, names)]
+    (det,) = detector([image])
+    assert len(det) == 10 and set(det.class_ids.tolist()) <= set(range(4))
+    assert (det.boxes[:, [0, 2]] > -1).all() and (det.boxes[:, [0, 2]] < 71).all()
+    # independent recomputation from the raw model outputs: score = best token probability within the phrase
+    prompt = "cat . dog . dining table . tv ."
+    inputs = detector.processor(images=[Image.fromarray(image)], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        probs = detector.model(**inputs).logits.sigmoid()[0]
+    token_spans = {"cat": [1], "dog": [3], "dining table": [5, 6], "tv": [8]}  # [CLS] cat . dog . dining table . tv .
+    per_class = torch.stack([probs[:, token_spans[n]].amax(dim=-1) for n in names], dim=-1)
+    np.testing.assert_allclose(det.scores, per_class.max(dim=-1).values.numpy(), rtol=1e-5)
+    # a long vocabulary is split by the model's text-token budget; labels stay global
+    monkeypatch.setattr(hf, "GROUNDING_MAX_TOKENS", 5)
+    chunks = detector.chunks()
+    assert chunks == [(0, ["cat", "dog"]), (2, ["dining table", "tv"])]  # 2 + 2 tokens, then 3 + 2
+    (split,) = detector([image])
+    assert len(split) == 20 and set(split.class_ids.tolist()) <= set(range(4))
 
 
 def test_vocabulary_files(tmp_path):
