@@ -376,3 +376,18 @@ def test_report_module_cli_and_tmp_summaries_ignored(tmp_path: Path, capsys: pyt
         main([str(tmp_path / "missing")])
     assert exc.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_draws_the_best_boxes_and_keeps_the_rest_for_links() -> None:
+    from muvla.report.html import DRAWN_BOXES, Card, render_scene
+    from muvla.report.readers import ImageEntry, RegionBoxes
+
+    n = DRAWN_BOXES + 5
+    scores = np.linspace(0.2, 0.9, n).astype(np.float32)
+    boxes = np.array([[i, i, i + 10, i + 10] for i in range(n)], dtype=np.float32)
+    entry = ImageEntry(image_id="a", file="missing.jpg", width=100, height=80, part="part-00000", row=0,
+                       num_regions=n, tags=[f"tag{i}" for i in range(n)])
+    svg = render_scene(Card(index=0, image_id="a", entry=entry, regions=RegionBoxes(boxes, scores)), [])
+    assert svg.count('class="reg"') == DRAWN_BOXES and svg.count('class="reg minor"') == 5
+    for i in range(5):  # the lowest-scored regions are hidden until a phrase link highlights them
+        assert f'class="reg minor" id="c0-r{i}"' in svg

@@ -42,6 +42,7 @@ from muvla.report.readers import (
 from muvla.utils.shards import atomic_file
 
 THUMB_SIDE = 480  # longest side of the embedded JPEG, in pixels
+DRAWN_BOXES = 10  # boxes always drawn per image (highest scores); the others appear when linked or hovered
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324",
            "#469990", "#800000", "#808000", "#000075"]
 STAGES = [("regions", "regions/index.parquet"), ("text", "text/sentences.parquet"),
@@ -142,6 +143,9 @@ def render_scene(card: Card, image_roots: list[Path]) -> str:
                      f'font-size="{max(w, h) / 25:.0f}">image not available</text>')
     if card.regions is not None:
         fs = max(w, h) / 32
+        # a real detector stores up to ~36 boxes: draw the best ones, keep the rest for the phrase links
+        order = np.argsort(-np.asarray(card.regions.scores, dtype=np.float64), kind="stable")
+        shown = set(order[:DRAWN_BOXES].tolist())
         for i, (box, score) in enumerate(zip(card.regions.boxes, card.regions.scores)):
             if not np.isfinite(box).all():
                 card.notes.append(f"region {i}: non-finite box {box.tolist()} not drawn")
@@ -153,7 +157,8 @@ def render_scene(card: Card, image_roots: list[Path]) -> str:
             lw = fs * 0.62 * len(label) + fs * 0.6
             ly = y1 if y1 >= fs * 1.3 else min(y1 + fs * 1.3, h)
             parts.append(
-                f'<g class="reg" id="c{card.index}-r{i}" data-region="{i}" style="--c:{color(i)}">'
+                f'<g class="reg{"" if i in shown else " minor"}" id="c{card.index}-r{i}" data-region="{i}" '
+                f'style="--c:{color(i)}">'
                 f'<title>{esc(region_label(entry, i))} - detector score {score:.3f}</title>'
                 f'<rect class="box" x="{x1:.1f}" y="{y1:.1f}" width="{x2 - x1:.1f}" height="{y2 - y1:.1f}"/>'
                 f'<rect class="lblbg" x="{x1:.1f}" y="{ly - fs * 1.3:.1f}" width="{lw:.1f}" height="{fs * 1.3:.1f}"/>'
@@ -258,7 +263,7 @@ table{border-collapse:collapse;background:#fff;font-size:13px}td{max-width:560px
 .reg .box{fill:var(--c);fill-opacity:0;stroke:var(--c);stroke-width:2.5px;vector-effect:non-scaling-stroke}
 .reg .lblbg{fill:var(--c)}.reg .lbl{fill:#fff;font-family:sans-serif;font-weight:600}
 .reg{cursor:pointer;transition:opacity .15s}.scene.focus .reg:not(.hot){opacity:.2}
-.reg.hot .box{stroke-width:5px;fill-opacity:.22}
+.reg.hot .box{stroke-width:5px;fill-opacity:.22}.reg.minor{display:none}.reg.minor.hot{display:inline}
 .ph-img{fill:#d9dce2}.miss{fill:#6b7280;font-family:sans-serif}
 .chips{margin:4px 0 8px}.chip{display:inline-block;border:2px solid var(--c);border-radius:12px;padding:0 8px;margin:2px 4px 2px 0;font-size:12px;cursor:pointer}
 .chip.hot{background:var(--c);color:#fff}
