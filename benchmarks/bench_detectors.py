@@ -42,8 +42,8 @@ from muvla.corpus.regions import RegionStore  # noqa: E402
 from muvla.regions.proposals import box_iou  # noqa: E402
 from muvla.regions.tags import caption_word  # noqa: E402
 from muvla.retrieval.queries import QUERY_MODES, make_query  # noqa: E402
-from muvla.retrieval.stage import RetrievalConfig, load_embeddings, run_retrieval  # noqa: E402
-from muvla.text.stage import TextConfig, read_sentences, run_text  # noqa: E402
+from muvla.retrieval.stage import RetrievalConfig, run_retrieval  # noqa: E402
+from muvla.text.stage import TextConfig, run_text  # noqa: E402
 
 KS = (1, 5, 10)
 THRESHOLDS = (0.0, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
@@ -151,10 +151,11 @@ def detection_quality(store: RegionStore, labels: dict, threshold: float) -> dic
 class OwnCaptionEval:
     """Exact top-10 search of tag queries over one sentence store, scored against each image's own captions."""
 
-    def __init__(self, text_dir: Path, embeddings_dir: Path, captions_json: Path, unit_size: int = 20_000):
-        sentences = read_sentences(text_dir, columns=["sentence_id", "text"]).to_pydict()
-        n = len(sentences["text"])
-        self.embeddings = load_embeddings(embeddings_dir, n, unit_size)
+    def __init__(self, text_dir: Path, retrieval_dir: Path, captions_json: Path):
+        import pyarrow.parquet as pq
+
+        sentences = pq.read_table(text_dir / "sentences.parquet", columns=["sentence_id", "text"]).to_pydict()
+        self.embeddings = stage_embeddings(retrieval_dir / "embeddings", len(sentences["text"]))
         by_text = {" ".join(t.split()).lower(): int(s) for s, t in zip(sentences["sentence_id"], sentences["text"])}
         data = json.loads(captions_json.read_text(encoding="utf-8"))
         stem = {img["id"]: Path(img["file_name"]).stem for img in data["images"]}
@@ -179,6 +180,15 @@ class OwnCaptionEval:
         """[images, len(KS)] booleans: own caption within the top k."""
         tops = self._topk([queries.get(i, "") for i in self.images])
         return np.array([[bool(set(t[:k].tolist()) & self.own[i]) for k in KS] for i, t in zip(self.images, tops)])
+
+
+def stage_embeddings(folder: Path, n_sentences: int) -> np.ndarray:
+    """The retrieval stage's sentence embeddings (``embeddings/part-*.npy``, in sentence-id order)."""
+    parts = [np.load(p) for p in sorted(folder.glob("part-*.npy"))]
+    emb = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 0), np.float32)
+    if len(emb) != n_sentences:
+        raise SystemExit(f"{folder} holds {len(emb)} sentence embeddings, the text store {n_sentences}")
+    return emb
 
 
 def bootstrap(hits: np.ndarray, seed: int = 0) -> list[tuple[float, float, float]]:

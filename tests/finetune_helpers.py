@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from muvla.corpus.regions import ImageRegions, RegionPartWriter, merge_region_parts
+from muvla.corpus.regions import ImageRegions
+from muvla.corpus.synthetic import write_region_store
 from muvla.encoders import default_sbert_path
 from muvla.model import Model, ModelConfig
 
@@ -48,20 +49,16 @@ def write_store(root: Path, images: dict[str, dict], feature_dim: int = FEATURE_
     """Region store with one part. images: image_id -> {"boxes": [[x1, y1, x2, y2], ...], "size": (w, h)};
     features are random (but fixed by seed)."""
     rng = np.random.default_rng(seed)
-    writer = RegionPartWriter(max_regions=max_regions, feature_dim=feature_dim, capacity=len(images))
+    rows = []
     for image_id, spec in images.items():
         boxes = np.asarray(spec["boxes"], dtype=np.float32).reshape(-1, 4)
         w, h = spec.get("size", (100, 100))
         n = len(boxes)
-        writer.add(ImageRegions(image_id=image_id, file=f"{image_id}.jpg", width=w, height=h, boxes=boxes,
-                                tags=["thing"] * n, scores=np.ones(n, np.float32),
-                                class_ids=np.zeros(n, np.int32),
-                                features=rng.normal(size=(n, feature_dim)).astype(np.float16)))
-    part = root / "parts" / "part-00000"
-    part.mkdir(parents=True)
-    writer.write(part)
-    merge_region_parts(root)
-    return root
+        rows.append(ImageRegions(image_id=image_id, file=f"{image_id}.jpg", width=w, height=h, boxes=boxes,
+                                 tags=["thing"] * n, scores=np.ones(n, np.float32),
+                                 class_ids=np.zeros(n, np.int32),
+                                 features=rng.normal(size=(n, feature_dim)).astype(np.float16)))
+    return write_region_store(root, rows, max_regions=max_regions, images_per_part=max(len(rows), 1))
 
 
 def grid_boxes(n: int, size: int = 100) -> list[list[float]]:

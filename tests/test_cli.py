@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from muvla.cli import STAGES, main
+from muvla.cli import COMMANDS, main
 from muvla.utils.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,12 +20,12 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for stage in STAGES:
-        assert stage.name in text
+    for command in COMMANDS:
+        assert command.name in text
     assert "report" in text and "table" in text
 
 
-@pytest.mark.parametrize("command", [s.name for s in STAGES])
+@pytest.mark.parametrize("command", [c.name for c in COMMANDS])
 def test_each_command_has_help_with_config_flags(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -68,8 +68,9 @@ def test_unknown_yaml_key_is_rejected(tmp_path: Path) -> None:
 def test_dotted_set_reaches_nested_stage_sections() -> None:
     from muvla.corpus.build import CorpusConfig
 
-    cfg = load_config(CorpusConfig, None, {"out": "o", "corpus": ["c.txt"], "regions.max_regions": 10})
-    assert cfg.regions == {"max_regions": 10}
+    cfg = load_config(CorpusConfig, None, {"out": "o", "text.corpus": [__file__], "regions.images": ".",
+                                            "regions.max_regions": 10})
+    assert cfg.regions.max_regions == 10 and cfg.text.corpus == [Path(__file__)]
 
 
 def test_module_entry_point_runs() -> None:
@@ -77,3 +78,42 @@ def test_module_entry_point_runs() -> None:
                             cwd=REPO, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("muvla ")
+
+
+def test_every_flag_has_help_and_choices_are_listed(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib
+
+    from muvla.cli import config_flags
+
+    for command in COMMANDS:
+        config_cls = getattr(importlib.import_module(command.module), command.config_class)
+        for flag in config_flags(config_cls):
+            assert flag.help.strip(), f"muvla {command.name} {flag.flag} has no help text"
+    with pytest.raises(SystemExit):
+        main(["retrieve", "--help"])
+    text = capsys.readouterr().out
+    assert "official|counted" in text and "--set k=5" in text
+
+
+def test_misspelt_flag_shows_the_command_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["retrieve", "--kk", "5"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: muvla retrieve") and "--kk" in err
+
+
+def test_a_setting_given_twice_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["corpus", "--images", str(tmp_path), "--corpus", __file__, "--out", str(tmp_path / "o"),
+                 "--k", "5", "--set", "retrieval.k=10"])
+    assert code == 2
+    assert "retrieval.k is given twice: --k 5 and --set retrieval.k=10" in capsys.readouterr().err
+
+
+def test_malformed_yaml_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("k: 5\n  query_mode: counted\n", encoding="utf-8")
+    code = main(["retrieve", "--config", str(bad), "--out", "o", "--regions", "r", "--text", "t"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{bad}:2:" in err and "invalid YAML" in err

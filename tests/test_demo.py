@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from muvla.demo import SAMPLE_IMAGES, DemoConfig, demo_eval_captions_path, run_demo, write_sample_images
-from muvla.tasks.data import load_coco_captions
+from muvla.demo import (
+    SAMPLE_IMAGES,
+    DemoConfig,
+    demo_eval_captions_path,
+    describe,
+    run_demo,
+    write_sample_images,
+)
+from muvla.tasks.retrieval import load_coco_captions
 
 
 def test_sample_images_are_written_once(tmp_path: Path) -> None:
@@ -34,8 +41,16 @@ def test_demo_runs_every_stage_and_reports(tmp_path: Path) -> None:
                    "pretrain/model/model.safetensors", "pretrain/metrics.jsonl", "evaluation/table.md"):
         assert (out / marker).exists(), marker
     scores = result["zero_shot_retrieval"]
-    assert set(scores) == {"base (no pre-training)", "muvla demo"}
-    assert all(0.0 <= v <= 1.0 for metrics in scores.values() for v in metrics.values())
+    assert set(scores) == {"base", "muvla"}
+    for m in scores.values():
+        assert 0.0 <= m["mean_recall_ci_low"] <= m["mean_recall"] <= m["mean_recall_ci_high"] <= 1.0
+        assert m["n_images"] == len(SAMPLE_IMAGES)
+    comparison = result["comparison"]
+    assert comparison["ci_low"] <= comparison["difference"] <= comparison["ci_high"]
+    lines = describe(result)
+    assert len(lines) < 12 and lines[-1].startswith("Open the report: ")
+    assert any("95% CI" in line for line in lines) and any("muvla - base" in line for line in lines)
+    assert json.loads((out / "summary.json").read_text())["report"] == result["report"]
     page = Path(result["report"]).read_text(encoding="utf-8")
     assert "Evaluation" in page and "training curves" in page and "chelsea" in page
     assert json.loads((out / "evaluation" / "retrieval_muvla" / "summary.json").read_text())["task"] == "retrieval"

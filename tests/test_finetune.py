@@ -17,21 +17,18 @@ from finetune_helpers import grid_boxes, tiny_model_dir, torch_threads, write_js
 from muvla.corpus.regions import RegionStore
 from muvla.encoders import load_wordpiece_tokenizer
 from muvla.model import Model
-from muvla.tasks.data import AnswerVocab, CaptionExample, NLVR2Example, RefExample, SNLIVEExample, VQAExample
-from muvla.tasks.datasets import (
-    NLVR2Dataset,
-    RefCOCODataset,
-    RetrievalTrainDataset,
-    SNLIVEDataset,
-    TaskCollator,
-    VQADataset,
-    has_regions_fn,
-    refcoco_target,
-)
-from muvla.tasks.evaluate import EvaluateConfig, retrieval_scores, run_evaluate
+from muvla.tasks.batch import TaskCollator, has_regions_fn
+from muvla.tasks.evaluate import EvaluateConfig, run_evaluate
 from muvla.tasks.finetune import FinetuneConfig, run_finetune
-from muvla.tasks.heads import TaskModel
+from muvla.tasks.model import TaskModel
+from muvla.tasks.nlvr2 import NLVR2Dataset, NLVR2Example
+from muvla.tasks.refcoco import RefCOCODataset, RefExample, refcoco_target
+from muvla.tasks.registry import get_task
+from muvla.tasks.retrieval import CaptionExample, RetrievalTrainDataset, retrieval_scores
+from muvla.tasks.snli_ve import SNLIVEDataset, SNLIVEExample
 from muvla.tasks.table import collect_results
+from muvla.tasks.vocab import AnswerVocab
+from muvla.tasks.vqa import VQADataset, VQAExample
 from muvla.utils.config import ConfigError, load_config
 
 IMAGES = {str(i): {"boxes": grid_boxes(2 + i % 3)} for i in range(1, 7)}  # ids "1".."6", 2-4 regions
@@ -55,7 +52,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def tiny(env: dict, task: str, n_answers: int = 0) -> TaskModel:
     torch.manual_seed(0)
-    return TaskModel(Model.from_pretrained(env["model"]), task, n_answers=n_answers, head_dropout=0.0)
+    return get_task(task).build_model(Model.from_pretrained(env["model"]), n_answers=n_answers, head_dropout=0.0)
 
 
 def common(env: dict, out: Path, **kw) -> FinetuneConfig:
@@ -120,7 +117,7 @@ def test_task_model_save_load_roundtrip(env: dict, tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "m")
     assert {"task.json", "task_head.safetensors", "model.safetensors", "vocab.txt"} <= {
         p.name for p in (tmp_path / "m").iterdir()}
-    again = TaskModel.from_pretrained(tmp_path / "m").eval()
+    again = get_task("snli_ve").load_model(tmp_path / "m").eval()
     items = [SNLIVEDataset([SNLIVEExample("p1", "4", "a man sleeps", 2)], env["store"])[0]]
     batch = TaskCollator(env["tok"], 16)(items)
     assert torch.allclose(model.logits(batch), again.logits(batch))

@@ -207,5 +207,5 @@ def test_bad_model_folder_and_misused_vocabulary_are_one_config_error(tiny_model
         run_regions(RegionsConfig(out=tmp_path / "b", backend="transformers", images=images,
                                   detector_model=str(tiny_models["yolos"]), vocabulary=vocab, device="cpu",
                                   progress=False))
-    with pytest.raises(ConfigError, match="needs 'detector_model'"):
+    with pytest.raises(ConfigError, match="needs --detector-model"):
         RegionsConfig(out=tmp_path / "c", backend="transformers", images=images).validate()

@@ -1,4 +1,4 @@
-"""Hand-checked cases for the official downstream metrics (muvla.tasks.metrics)."""
+"""Hand-checked cases for the official downstream metrics (muvla.tasks.metrics and the task modules)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,21 @@ import json
 import numpy as np
 import pytest
 
-from muvla.tasks.data import NLVR2Example, SNLIVEExample, VQAExample
-from muvla.tasks.metrics import (
-    accuracy,
-    box_iou,
-    covered_by_regions,
-    meta_ave,
+from muvla.tasks.metrics import accuracy, box_iou, meta_ave, retrieval_recall
+from muvla.tasks.nlvr2 import (
+    NLVR2Example,
     nlvr2_accuracy_consistency,
     nlvr2_group,
-    normalize_vqa_answer,
     read_nlvr2_predictions,
-    refcoco_accuracy,
-    retrieval_recall,
-    snli_ve_accuracy,
+    write_nlvr2_predictions,
+)
+from muvla.tasks.refcoco import covered_by_regions, refcoco_accuracy, write_refcoco_predictions
+from muvla.tasks.snli_ve import SNLIVEExample, snli_ve_accuracy, write_snli_ve_predictions
+from muvla.tasks.vqa import (
+    VQAExample,
+    normalize_vqa_answer,
     vqa_accuracy,
     vqa_question_accuracy,
-    write_nlvr2_predictions,
-    write_refcoco_predictions,
-    write_snli_ve_predictions,
     write_vqa_predictions,
 )
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow as pa
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from muvla.corpus.layout import RegionsOutput, TextOutput, TopK
+from muvla.corpus.regions import ImageRegions
+from muvla.corpus.synthetic import write_pairs, write_region_store, write_sentence_store
 from muvla.encoders import load_wordpiece_tokenizer
 from muvla.phrases import PhrasesConfig, extract_phrases, run_phrases, token_span
 from muvla.utils.config import ConfigError
@@ -24,17 +27,16 @@ TOPK = [("img-a", 0, 0), ("img-a", 1, 1), ("img-b", 0, 2), ("img-b", 1, 3), ("im
 
 
 def _setup(root: Path) -> Path:
-    """Fake text, regions and retrieval folders (retrieval config.yaml records the other two)."""
+    """Text, regions and retrieval outputs written by hand (retrieval config.yaml records the other two)."""
     text, regions, retrieval = root / "text", root / "regions", root / "retrieval"
-    for d in (text, regions, retrieval):
-        d.mkdir(parents=True)
-    pq.write_table(pa.table({"sentence_id": pa.array(range(len(SENTENCES)), pa.int64()), "text": SENTENCES,
-                             "source": ["t"] * len(SENTENCES)}), text / "sentences.parquet")
-    pq.write_table(pa.table({"image_id": list(TAGS), "num_regions": [len(t) for t in TAGS.values()],
-                             "tags": pa.array(list(TAGS.values()), pa.list_(pa.string()))}), regions / "index.parquet")
-    pq.write_table(pa.table({"image_id": [r[0] for r in TOPK], "rank": pa.array([r[1] for r in TOPK], pa.int32()),
-                             "sentence_id": pa.array([r[2] for r in TOPK], pa.int64()),
-                             "score": pa.array([0.5] * len(TOPK), pa.float32())}), retrieval / "topk.parquet")
+    write_sentence_store(text, SENTENCES)
+    images = [ImageRegions(i, f"{i}.jpg", 50, 50, np.tile([0, 0, 9, 9], (len(t), 1)).astype(np.float32), t,
+                           np.ones(len(t), np.float32), np.full(len(t), -1, np.int32), np.zeros((len(t), 4), np.float16))
+              for i, t in TAGS.items()]
+    write_region_store(regions, images)
+    topk = TopK([r[0] for r in TOPK], np.array([r[1] for r in TOPK], np.int32), np.array([r[2] for r in TOPK], np.int64),
+                np.full(len(TOPK), 0.5, np.float32))
+    write_pairs(retrieval, topk, RegionsOutput(regions), TextOutput(text), k=2)
     # what the retrieval stage records in its config.yaml: config.regions / config.text
     (retrieval / "config.yaml").write_text(
         f"stage_config: RetrievalConfig\nconfig:\n  regions: {regions}\n  text: {text}\n", encoding="utf-8")
@@ -52,11 +54,11 @@ def test_token_span_overlap() -> None:
 def test_extract_phrases_spans_map_back() -> None:
     rows = extract_phrases(SENTENCES)
     tok = load_wordpiece_tokenizer()
-    assert rows[0]["phrases"] == ["Two dogs", "a red frisbee", "the park"]
-    assert rows[1]["phrases"] == []
+    assert rows[0].phrases == ["Two dogs", "a red frisbee", "the park"]
+    assert rows[1].phrases == []
     for text, row in zip(SENTENCES, rows):
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        for phrase, (cs, ce), (ts, te) in zip(row["phrases"], row["char_spans"], row["token_spans"]):
+        for phrase, (cs, ce), (ts, te) in zip(row.phrases, row.char_spans, row.token_spans):
             assert text[cs:ce] == phrase
             assert 0 <= ts < te <= len(ids)
             decoded = tok.decode(ids[ts:te]).replace(" ", "")
@@ -96,8 +98,11 @@ def test_run_phrases_end_to_end(tmp_path: Path) -> None:
 
     # resume: a lost unit is recomputed and the merged outputs are identical
     before = pq.read_table(out / "matches.parquet")
-    (out / "parts" / "matches-part-00000.parquet").unlink()
-    (out / "parts" / "phrases-part-00001.parquet").unlink()
+    again = run_phrases(PhrasesConfig(out=out, retrieval=retrieval, unit_size=2))
+    assert again["reused"] is True  # complete and up to date
+    (out / "matches.parquet").unlink()  # a run killed before its merge, with two units lost
+    (out / "parts" / "matches-00000.parquet").unlink()
+    (out / "parts" / "phrases-00001.parquet").unlink()
     again = run_phrases(PhrasesConfig(out=out, retrieval=retrieval, unit_size=2))
     assert again["sentences_parsed_now"] == 2 and again["pairs_matched_now"] == 4
     assert pq.read_table(out / "matches.parquet").equals(before)
@@ -105,33 +110,34 @@ def test_run_phrases_end_to_end(tmp_path: Path) -> None:
 
 def test_two_shards_equal_one(tmp_path: Path) -> None:
     retrieval = _setup(tmp_path)
-    run_phrases(PhrasesConfig(out=tmp_path / "one", retrieval=retrieval, unit_size=1))
+    run_phrases(PhrasesConfig(out=tmp_path / "one", retrieval=retrieval, unit_size=1, strings_unit_size=3))
 
     def cfg(out: Path, shard: int) -> PhrasesConfig:
-        return PhrasesConfig(out=out, retrieval=retrieval, unit_size=1, shard=shard, num_shards=2)
+        return PhrasesConfig(out=out, retrieval=retrieval, unit_size=1, strings_unit_size=3, shard=shard,
+                             num_shards=2)
 
-    # rank 0 first: it waits for rank 1's phrase units; rank 1 then parses and matches its own units
+    # rank 0 first: it waits for rank 1's phrase units; rank 1 then parses and encodes its own units
     out = tmp_path / "two"
     assert run_phrases(cfg(out, 0))["status"] == "waiting_for_shards"
     second = run_phrases(cfg(out, 1))
-    assert second["status"] == "shard_done" and second["pairs_matched_now"] > 0
+    assert second["status"] == "waiting_for_shards" and second["strings_encoded_now"] > 0
     assert not (out / "matches.parquet").exists()
     assert run_phrases(cfg(out, 0))["status"] == "done"
     # rank 1 first (too early to match): rank 0 must still finish everything without another rank-1 run
     late = tmp_path / "late"
     assert run_phrases(cfg(late, 1))["status"] == "waiting_for_shards"
     assert run_phrases(cfg(late, 0))["status"] == "done"
-    for name in ("sentence_phrases.parquet", "matches.parquet"):
-        expected = pq.read_table(tmp_path / "one" / name)
-        assert pq.read_table(out / name).equals(expected)
-        assert pq.read_table(late / name).equals(expected)
+    for name in ("sentence_phrases.parquet", "matches.parquet"):  # byte for byte: similarities included
+        expected = (tmp_path / "one" / name).read_bytes()
+        assert (out / name).read_bytes() == expected
+        assert (late / name).read_bytes() == expected
 
 
 def test_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="topk.parquet"):
         run_phrases(PhrasesConfig(out=tmp_path / "o", retrieval=tmp_path / "nothing"))
     retrieval = _setup(tmp_path)
-    with pytest.raises(ConfigError, match="region index"):
+    with pytest.raises(ConfigError, match="not a finished regions output"):
         run_phrases(PhrasesConfig(out=tmp_path / "o", retrieval=retrieval, regions=tmp_path / "nowhere"))
 
 
@@ -150,20 +156,18 @@ def test_encoders_offline_loading() -> None:
 
 
 @pytest.mark.shared_data
-def test_real_cc3m_captions_smoke() -> None:
+def test_real_cc3m_captions_smoke(shared_data: Path) -> None:
     """A few hundred real CC3M captions: every phrase's spans map back to its text and tokens."""
-    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if not shared.exists():
-        pytest.skip(f"shared data not found at {shared}")
+    shared = shared_data
     lines = (shared / "text" / "cc3m_validation.tsv").read_text(encoding="utf-8").splitlines()[:300]
     texts = [" ".join(line.split("\t")[0].split()) for line in lines]
     rows = extract_phrases(texts)
     tok = load_wordpiece_tokenizer()
     with_phrase = 0
     for text, row in zip(texts, rows):
-        with_phrase += bool(row["phrases"])
+        with_phrase += bool(row.phrases)
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        for phrase, (cs, ce), (ts, te) in zip(row["phrases"], row["char_spans"], row["token_spans"]):
+        for phrase, (cs, ce), (ts, te) in zip(row.phrases, row.char_spans, row.token_spans):
             assert text[cs:ce] == phrase
             assert 0 <= ts < te <= len(ids)
             phrase_ids = tok(phrase, add_special_tokens=False)["input_ids"]

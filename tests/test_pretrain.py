@@ -242,8 +242,8 @@ def test_round_robin_alternates_text_and_image_batches(tiny_corpus, tok):
 
 
 @pytest.mark.parametrize("bad, msg", [
-    ({"mode": "joint"}, "mode must be"),
-    ({"tasks": ["rt", "xx"]}, "tasks must be"),
+    ({"mode": "joint"}, "mode: expected one of muvla, round_robin, base"),
+    ({"tasks": ["rt", "xx"]}, "tasks: expected one of rt, rn, is"),
     ({"k": 0}, "k must be"),
     ({"itm_weight": "mean"}, "itm_weight"),
     ({"model": {"hidden": 3}}, "unknown model field"),

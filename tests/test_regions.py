@@ -41,7 +41,6 @@ from muvla.regions.efficientnet import default_weights_path
 from muvla.utils.config import ConfigError
 
 os.environ.setdefault("MUVLA_NO_PROGRESS", "1")
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Small settings so every stage run takes a second or two on a busy CPU.
 FAST = {"max_regions": 4, "max_proposals": 6, "crop_size": 64, "proposal_max_side": 48,
         "proposal_scales": (100.0,), "batch_size": 8, "num_threads": 1}
@@ -53,12 +52,9 @@ def model():
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
+def _one_thread(one_thread):
     """Tests run next to other busy processes: one thread avoids thread-pool spinning."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------- backbone
@@ -291,7 +287,9 @@ def test_resume_recomputes_only_missing_part(tmp_path):
     before = _arrays(cfg.out)
     index_before = pq.read_table(cfg.out / "index.parquet")
     kept_mtime = (cfg.out / "parts" / "part-00000" / "features.npy").stat().st_mtime_ns
-    shutil.rmtree(cfg.out / "parts" / "part-00001")
+    assert run_regions(cfg)["reused"] is True  # complete and up to date: nothing redone
+    shutil.rmtree(cfg.out / "parts" / "part-00001")  # a run killed before its merge, with a part lost
+    (cfg.out / "index.parquet").unlink()
     second = run_regions(cfg)
     assert second["parts_written_now"] == 1
     assert (cfg.out / "parts" / "part-00000" / "features.npy").stat().st_mtime_ns == kept_mtime
@@ -309,7 +307,7 @@ def test_two_shards_equal_one_run(tmp_path):
     run_regions(whole)
     sharded = tmp_path / "sharded"
     s1 = run_regions(RegionsConfig(out=sharded, images=images, unit_size=2, shard=1, num_shards=2, **FAST))
-    assert s1["merged"] is False and s1["missing_parts"] == ["part-00000", "part-00002"]
+    assert s1["merged"] is False and s1["missing_units"] == ["part-00000", "part-00002"]
     assert not (sharded / "index.parquet").exists()
     s0 = run_regions(RegionsConfig(out=sharded, images=images, unit_size=2, shard=0, num_shards=2, **FAST))
     assert s0["merged"] is True and s0["parts_written_now"] == 2
@@ -331,10 +329,10 @@ def test_config_validation_and_settings_guard(tmp_path):
     images = tmp_path / "img"
     _make_folder(images, 1)
     run_regions(RegionsConfig(out=tmp_path / "out", images=images, **FAST))
-    with pytest.raises(ConfigError, match="different settings"):
+    with pytest.raises(ConfigError, match=r"other settings: max_regions=4 \(this run: 3\)"):
         run_regions(RegionsConfig(out=tmp_path / "out", images=images, **{**FAST, "max_regions": 3}))
     Image.fromarray(_scene(99)).save(images / "extra.png")  # parts are positional: a new image must not mix in
-    with pytest.raises(ConfigError, match="inputs_sha1"):
+    with pytest.raises(ConfigError, match="listing changed"):
         run_regions(RegionsConfig(out=tmp_path / "out", images=images, **FAST))
     with pytest.raises(ConfigError, match="no inputs"):
         run_regions(RegionsConfig(out=tmp_path / "empty_out", images=tmp_path / "out" / "parts", **FAST))
@@ -435,10 +433,8 @@ def test_image_regions_validates_counts():
 # ---------------------------------------------------------------- real data
 
 @pytest.mark.shared_data
-def test_coco_instances_backend_on_coco_mini(tmp_path):
-    coco = SHARED_DATA / "coco-mini"
-    if not (coco / "instances_train2017.json").exists():
-        pytest.skip(f"shared data not found at {coco} (../shared/data relative to the repo root)")
+def test_coco_instances_backend_on_coco_mini(tmp_path, shared_data):
+    coco = shared_data / "coco-mini"
     data = json.loads((coco / "instances_train2017.json").read_text(encoding="utf-8"))
     chosen = sorted(data["images"], key=lambda im: im["file_name"])[:3]
     ids = {im["id"] for im in chosen}

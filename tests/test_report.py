@@ -164,12 +164,21 @@ def test_report_missing_stages_say_not_run(tmp_path: Path) -> None:
     page = write_report(run, tmp_path / "out" / "r.html").read_text(encoding="utf-8")
     assert page.count('<span class="notrun">not run</span>') == 4  # text, retrieval, phrases, pretrain
     assert "retrieval not run" in page and '<svg class="scene"' in page
-    # a completely empty run still gives a page
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    page = write_report(empty).read_text(encoding="utf-8")
-    assert page.count('<span class="notrun">not run</span>') == 5
+    # a run with only its text stage still gives a page
+    text_only = tmp_path / "text_only"
+    shutil.copytree(make_run(tmp_path / "other", with_metrics=False) / "text", text_only / "text")
+    page = write_report(text_only).read_text(encoding="utf-8")
+    assert page.count('<span class="notrun">not run</span>') == 4  # regions, retrieval, phrases, pretrain
     assert "no images: regions and retrieval not run" in page
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "a.jpg")
+    with pytest.raises(ReportError, match="not a muvla run folder"):
+        write_report(images)
+    assert not (images / "report.html").exists()
 
 
 def test_report_phrases_missing_sentence_stage_present(tmp_path: Path) -> None:
@@ -377,17 +386,3 @@ def test_report_module_cli_and_tmp_summaries_ignored(tmp_path: Path, capsys: pyt
     assert exc.value.code == 2
     assert "does not exist" in capsys.readouterr().err
 
-
-def test_report_draws_the_best_boxes_and_keeps_the_rest_for_links() -> None:
-    from muvla.report.html import DRAWN_BOXES, Card, render_scene
-    from muvla.report.readers import ImageEntry, RegionBoxes
-
-    n = DRAWN_BOXES + 5
-    scores = np.linspace(0.2, 0.9, n).astype(np.float32)
-    boxes = np.array([[i, i, i + 10, i + 10] for i in range(n)], dtype=np.float32)
-    entry = ImageEntry(image_id="a", file="missing.jpg", width=100, height=80, part="part-00000", row=0,
-                       num_regions=n, tags=[f"tag{i}" for i in range(n)])
-    svg = render_scene(Card(index=0, image_id="a", entry=entry, regions=RegionBoxes(boxes, scores)), [])
-    assert svg.count('class="reg"') == DRAWN_BOXES and svg.count('class="reg minor"') == 5
-    for i in range(5):  # the lowest-scored regions are hidden until a phrase link highlights them
-        assert f'class="reg minor" id="c0-r{i}"' in svg

@@ -7,10 +7,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from muvla.corpus.regions import ImageRegions
+from muvla.corpus.synthetic import write_region_store
 from muvla.retrieval import (
     RetrievalConfig,
     counted_query,
@@ -21,8 +22,6 @@ from muvla.retrieval import (
 )
 from muvla.text import TextConfig, run_text
 from muvla.utils.config import ConfigError
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 SENTENCES = [
     "Two dogs are playing with a frisbee on the grass.",
@@ -48,12 +47,14 @@ IMAGES = {
 
 
 def write_regions(folder: Path, images: dict[str, list[str]]) -> Path:
-    """A fake region store folder holding just the merged index.parquet."""
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"image_id": list(images), "num_regions": [len(t) for t in images.values()],
-                             "tags": pa.array(list(images.values()), pa.list_(pa.string()))}),
-                   folder / "index.parquet")
-    return folder
+    """A region store whose regions carry the given tags (boxes and features are placeholders)."""
+    rows = []
+    for image_id, tags in images.items():
+        n = len(tags)
+        rows.append(ImageRegions(image_id, f"{image_id}.jpg", 100, 100, np.tile([0, 0, 10, 10], (n, 1)).astype(np.float32),
+                                 list(tags), np.ones(n, np.float32), np.full(n, -1, np.int32),
+                                 np.zeros((n, 4), np.float16)))
+    return write_region_store(folder, rows)
 
 
 @pytest.fixture(scope="module")
@@ -179,11 +180,14 @@ def test_resume_after_losing_a_unit(corpus: tuple[Path, Path], flat_run: Path, t
     text, regions = corpus
     out = tmp_path / "ret"
     shutil.copytree(flat_run, out)
-    (out / "embeddings" / "part-00001.npy").unlink()
+    again = run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5))
+    assert again["reused"] is True and again["units_encoded_now"] == 0  # complete and up to date: nothing redone
+    (out / "embeddings" / "part-00001.npy").unlink()  # a run killed while encoding: no topk yet, a unit missing
+    (out / "topk.parquet").unlink()
     summary = run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5))
     assert summary["units_encoded_now"] == 1 and summary["sentences_encoded_now"] == 5
     assert pq.read_table(out / "topk.parquet").equals(pq.read_table(flat_run / "topk.parquet"))
-    with pytest.raises(ConfigError, match="unit size"):
+    with pytest.raises(ConfigError, match="unit_size=5 \\(this run: 4\\)"):
         run_retrieval(RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=4))
 
 
@@ -195,7 +199,7 @@ def test_two_shards_equal_one(corpus: tuple[Path, Path], flat_run: Path, tmp_pat
         return RetrievalConfig(out=out, regions=regions, text=text, k=3, unit_size=5, shard=shard, num_shards=2)
 
     first = run_retrieval(cfg(0))
-    assert first["status"] == "waiting_for_shards" and first["missing_units"] == [1]
+    assert first["status"] == "waiting_for_shards" and first["missing_units"] == ["part-00001.npy"]
     assert not (out / "topk.parquet").exists()
     assert run_retrieval(cfg(1))["status"] == "encoded_shard"
     done = run_retrieval(cfg(0))
@@ -226,10 +230,9 @@ def test_counted_mode_and_config_errors(corpus: tuple[Path, Path], flat_run: Pat
 
 @pytest.mark.slow
 @pytest.mark.shared_data
-def test_real_coco_pool_smoke(tmp_path: Path) -> None:
+def test_real_coco_pool_smoke(tmp_path: Path, shared_data: Path) -> None:
     """A few hundred real COCO captions plus coco-mini captions; oracle (ground-truth) tags as regions."""
-    if not SHARED.exists():
-        pytest.skip(f"shared data not found at {SHARED}")
+    SHARED = shared_data
     pool = json.loads((SHARED / "text" / "coco_val2017_captions_pool.json").read_text(encoding="utf-8"))
     own = json.loads((SHARED / "coco-mini" / "captions_train2017.json").read_text(encoding="utf-8"))
     inst = json.loads((SHARED / "coco-mini" / "instances_train2017.json").read_text(encoding="utf-8"))

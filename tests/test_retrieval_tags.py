@@ -7,23 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from muvla.corpus.regions import ImageRegions, RegionPartWriter, merge_region_parts
-from muvla.retrieval.stage import confident_region_tags, read_region_tags
+from muvla.corpus.layout import RegionsOutput
+from muvla.corpus.regions import ImageRegions
+from muvla.corpus.synthetic import write_region_store
+from muvla.retrieval.stage import confident_region_tags
 
 
-def _store(root: Path) -> Path:
-    writer = RegionPartWriter(max_regions=3, feature_dim=4, capacity=2)
-    for image_id, tags, scores in (("a", ["dog", "puck", "frisbee"], [0.9, 0.1, 0.6]),
-                                   ("b", ["bubble", "jellyfish", ""], [0.2, 0.3, 0.0])):
-        writer.add(ImageRegions(image_id=image_id, file=f"{image_id}.jpg", width=10, height=10,
-                                boxes=np.tile(np.array([0, 0, 5, 5], np.float32), (3, 1)), tags=tags,
-                                scores=np.array(scores, np.float32), class_ids=np.zeros(3, np.int32),
-                                features=np.zeros((3, 4), np.float16)))
-    part = root / "parts" / "part-00000"
-    part.mkdir(parents=True)
-    writer.write(part)
-    merge_region_parts(root)
-    return root
+def _store(root: Path) -> RegionsOutput:
+    images = [ImageRegions(image_id=image_id, file=f"{image_id}.jpg", width=10, height=10,
+                           boxes=np.tile(np.array([0, 0, 5, 5], np.float32), (3, 1)), tags=tags,
+                           scores=np.array(scores, np.float32), class_ids=np.zeros(3, np.int32),
+                           features=np.zeros((3, 4), np.float16))
+              for image_id, tags, scores in (("a", ["dog", "puck", "frisbee"], [0.9, 0.1, 0.6]),
+                                             ("b", ["bubble", "jellyfish", ""], [0.2, 0.3, 0.0]))]
+    return RegionsOutput(write_region_store(root, images))
 
 
 def test_low_scored_tags_leave_the_query_but_the_best_tag_stays(tmp_path: Path) -> None:
@@ -36,4 +33,4 @@ def test_low_scored_tags_leave_the_query_but_the_best_tag_stays(tmp_path: Path) 
 @pytest.mark.parametrize("threshold", [0.0, -1.0])
 def test_no_threshold_is_the_reference_recipe(tmp_path: Path, threshold: float) -> None:
     root = _store(tmp_path / "regions")
-    assert confident_region_tags(root, threshold) == read_region_tags(root)
+    assert confident_region_tags(root, threshold) == root.image_tags()

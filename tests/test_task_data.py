@@ -1,4 +1,4 @@
-"""Downstream task readers (muvla.tasks.data): generated files in the official formats, plus the
+"""Downstream task readers (the task modules' loaders): generated files in the official formats, plus the
 real files of ../shared/data when present."""
 
 from __future__ import annotations
@@ -9,23 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from muvla.tasks.data import (
-    LABELS,
-    NO_REGIONS,
-    OUT_OF_VOCAB,
-    AnswerVocab,
-    Record,
+from muvla.tasks.files import NO_REGIONS, Record
+from muvla.tasks.nlvr2 import load_nlvr2, nlvr2_accuracy_consistency, nlvr2_image_stem
+from muvla.tasks.refcoco import load_refcoco, load_refcoco_json
+from muvla.tasks.retrieval import (
     caption_index,
+    load_caption_lines,
+    load_caption_tsv,
+    load_captions,
     load_coco_captions,
-    load_nlvr2,
-    load_refcoco,
-    load_refcoco_json,
-    load_snli_ve,
-    load_vqa,
-    nlvr2_image_stem,
-    vqa_soft_scores,
+    read_captions,
 )
-from muvla.tasks.metrics import nlvr2_accuracy_consistency, vqa_accuracy
+from muvla.tasks.snli_ve import LABELS, load_snli_ve
+from muvla.tasks.spec import ReadOptions
+from muvla.tasks.vocab import AnswerVocab
+from muvla.tasks.vqa import OUT_OF_VOCAB, build_answer_vocab, load_vqa, vqa_accuracy, vqa_soft_scores
+from muvla.utils.config import ConfigError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared data not found at {SHARED}")
@@ -57,11 +56,11 @@ def test_answer_vocab_file_and_build(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="integers 0..1"):
         AnswerVocab.from_file(_write_json(tmp_path / "gap.json", {"yes": 0, "no": 5}))
     anns = [{"multiple_choice_answer": a} for a in ["yes"] * 3 + ["Two"] * 2 + ["2"] + ["rare"]]
-    built = AnswerVocab.build(anns, min_count=2)
+    built = build_answer_vocab(anns, min_count=2)
     assert built.answers == ["2", "yes"]  # 'Two' and '2' merge (3 each); ties broken alphabetically
     assert AnswerVocab.from_file(built.save(tmp_path / "built.json")).answers == built.answers
     with pytest.raises(ValueError, match="no answer occurs"):
-        AnswerVocab.build(anns, min_count=10)
+        build_answer_vocab(anns, min_count=10)
 
 
 def _vqa_files(tmp_path: Path) -> tuple[Path, Path]:
@@ -256,6 +255,42 @@ def test_load_coco_captions_and_index(tmp_path: Path) -> None:
     assert [(e.image_id, e.caption) for e in exs] == [(1, "a cat"), (2, "a dog"), (2, "b dog")]
     assert rep.skipped == {"empty caption": 1}
     assert caption_index(exs) == ([1, 2], [0, 1, 1])
+
+
+def test_caption_json_lines_and_tsv_name_images_like_coco(tmp_path: Path) -> None:
+    jf = _write_lines(tmp_path / "c.jsonl", [
+        json.dumps({"image": "images/000000000139.jpg", "caption": "a cat "}),
+        json.dumps({"image": 139, "caption": "a cat again", "id": 7}),
+        json.dumps({"image": "dog.png", "caption": "a dog"}),
+        json.dumps({"caption": "no image"}),
+        "{not json",
+        json.dumps({"image": "dog.png", "caption": "  "}),
+        json.dumps({"image": 1.5, "caption": "odd id"})])
+    exs, rep = load_caption_lines(jf)
+    assert [(e.image_id, e.caption, e.caption_id) for e in exs] == [(139, "a cat", 1), (139, "a cat again", 7),
+                                                                    ("dog", "a dog", 3)]
+    assert [(r.file, r.line, r.reason) for r in rep.records] == [
+        (str(jf), 4, "missing field 'image'"), (str(jf), 5, "invalid JSON line"), (str(jf), 6, "empty caption"),
+        (str(jf), 7, "image 1.5 is not an image id or file name")]
+    assert caption_index(exs) == ([139, "dog"], [0, 0, 1])  # the file name and the int id: one image
+
+    tf = _write_lines(tmp_path / "c.tsv", ["Image\tCaption", "139\ta cat", "dog.png\ta dog", "no tab here",
+                                           "a\tb\tc", "cat\t "])
+    exs, rep = load_caption_tsv(tf, has_regions=lambda image_id: image_id != "cat")
+    assert [(e.image_id, e.caption, e.caption_id) for e in exs] == [(139, "a cat", 2), ("dog", "a dog", 3)]
+    assert [(r.line, r.reason) for r in rep.records] == [
+        (4, "expected image<TAB>caption, got 1 field(s)"), (5, "expected image<TAB>caption, got 3 field(s)"),
+        (6, "empty caption")]
+    rejected = [json.loads(x) for x in rep.write_rejected(tmp_path / "rejected.jsonl").read_text().splitlines()]
+    assert rejected[0] == {"file": str(tf), "line": 4, "reason": "expected image<TAB>caption, got 1 field(s)",
+                           "key": ""}
+
+    cf = _write_json(tmp_path / "coco.json", {"images": [], "annotations": [{"image_id": 5, "id": 1, "caption": "x"}]})
+    all_exs, all_rep = read_captions([cf, jf, tf], ReadOptions())
+    assert len(all_exs) == 1 + 3 + 2 and all_rep.kept == 6 and all_rep.n_skipped == 7
+    assert load_captions(tf)[0] == load_caption_tsv(tf)[0]
+    with pytest.raises(ConfigError, match=r"unknown format; expected COCO captions JSON .* JSON lines .* TSV"):
+        load_captions(tmp_path / "captions.txt")
 
 
 # ------------------------------------------------------------------------------- real shared data

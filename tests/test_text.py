@@ -8,11 +8,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from muvla.text import TextConfig, detect_format, read_sentences, run_text
-from muvla.text.readers import read_book, read_cc3m, read_coco, read_plain
+from muvla.corpus.layout import TextOutput
+from muvla.text import TextConfig, detect_format, run_text
+from muvla.text.readers import BadCorpusFile, read_book, read_cc3m, read_coco, read_plain
 from muvla.utils.config import ConfigError
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 GUTENBERG = """\ufeffThe Project Gutenberg EBook of Tiny Tale, by Nobody
 
@@ -36,7 +35,11 @@ Licence text that must not become sentences.
 
 
 def _texts(out: Path) -> list[str]:
-    return read_sentences(out).column("text").to_pylist()
+    return TextOutput(out).all_texts()
+
+
+def _rejected(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "rejected.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def test_plain_reader_counts_empty_duplicates_and_whitespace(tmp_path: Path) -> None:
@@ -85,23 +88,70 @@ def test_invalid_utf8_rejected_and_recorded(tmp_path: Path) -> None:
 
 def test_cc3m_reader_keeps_caption_only(tmp_path: Path) -> None:
     src = tmp_path / "cc.tsv"
-    src.write_text("an angler fishes river .\thttp://a/b.jpg\nno url here\n", encoding="utf-8")
+    src.write_text("an angler fishes river .\thttp://a/b.jpg\n", encoding="utf-8")
     items = list(read_cc3m(src))
-    assert [i.text for i in items] == ["an angler fishes river .", "no url here"]
-    assert [i.line for i in items] == [1, 2]
+    assert [i.text for i in items] == ["an angler fishes river ."]
+    assert [i.line for i in items] == [1]
+
+
+def test_malformed_tsv_rows_are_counted_and_recorded(tmp_path: Path) -> None:
+    src = tmp_path / "cc.tsv"
+    src.write_text("a good caption\thttp://a/b.jpg\nno url here\nthree\tfields\there\n\n", encoding="utf-8")
+    summary = run_text(TextConfig(out=tmp_path / "out", corpus=[src]))
+    assert _texts(tmp_path / "out") == ["a good caption"]
+    counts = summary["sources"][str(src)]
+    assert counts["malformed_dropped"] == 2 and counts["empty_dropped"] == 1
+    rejected = _rejected(tmp_path / "out")
+    assert [(r["line"], r["reason"]) for r in rejected] == [
+        (2, "expected caption<TAB>url, got 1 tab-separated field(s)"),
+        (3, "expected caption<TAB>url, got 3 tab-separated field(s)")]
 
 
 def test_coco_reader_and_bad_json(tmp_path: Path) -> None:
     src = tmp_path / "caps.json"
     src.write_text(json.dumps({"annotations": [{"caption": "A man riding a horse."}, {"caption": ""},
                                                {"id": 3}]}), encoding="utf-8")
-    assert [i.text for i in read_coco(src)] == ["A man riding a horse.", "", ""]
+    items = list(read_coco(src))
+    assert [i.text for i in items] == ["A man riding a horse.", "", ""]
+    assert items[2].problem == "annotation without a 'caption' string"
     summary = run_text(TextConfig(out=tmp_path / "out", corpus=[src]))
-    assert summary["sources"][str(src)]["empty_dropped"] == 2
+    assert summary["sources"][str(src)]["empty_dropped"] == 1
+    assert summary["sources"][str(src)]["malformed_dropped"] == 1
+    assert _rejected(tmp_path / "out") == [{"file": str(src), "line": 2,
+                                            "reason": "annotation without a 'caption' string"}]
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"images": []}), encoding="utf-8")
-    with pytest.raises(ValueError, match="annotations"):
+    with pytest.raises(BadCorpusFile, match="annotations"):
         list(read_coco(wrong))
+
+
+def test_bad_file_is_recorded_and_good_files_still_go_through(tmp_path: Path) -> None:
+    good = tmp_path / "good.txt"
+    good.write_text("a dog runs\n", encoding="utf-8")
+    no_annotations = tmp_path / "no_annotations.json"
+    no_annotations.write_text(json.dumps({"images": []}), encoding="utf-8")
+    not_json = tmp_path / "broken.json"
+    not_json.write_text("{not json", encoding="utf-8")
+    summary = run_text(TextConfig(out=tmp_path / "out", corpus=[no_annotations, good, not_json]))
+    assert _texts(tmp_path / "out") == ["a dog runs"]
+    assert [b["file"] for b in summary["files_rejected"]] == [str(no_annotations), str(not_json)]
+    assert "no top-level 'annotations' list" in summary["files_rejected"][0]["reason"]
+    assert "not valid JSON (line 1, column 2" in summary["files_rejected"][1]["reason"]
+    assert {r["file"] for r in _rejected(tmp_path / "out")} == {str(no_annotations), str(not_json)}
+    with pytest.raises(ConfigError, match="no usable corpus file"):
+        run_text(TextConfig(out=tmp_path / "out2", corpus=[no_annotations]))
+
+
+def test_long_first_line_does_not_make_a_file_a_book(tmp_path: Path) -> None:
+    """A 100 kB first line must not decide the format: it is dropped and recorded, the next line kept."""
+    src = tmp_path / "c.txt"
+    src.write_text("x" * 100_000 + "\nA good sentence about a dog.\n", encoding="utf-8")
+    assert detect_format(src) == "plain"
+    summary = run_text(TextConfig(out=tmp_path / "out", corpus=[src]))
+    assert _texts(tmp_path / "out") == ["A good sentence about a dog."]
+    assert summary["sources"][str(src)]["too_long_dropped"] == 1
+    assert _rejected(tmp_path / "out") == [{"file": str(src), "line": 1,
+                                            "reason": "too long (100000 characters > max_chars=1000)"}]
 
 
 def test_coco_invalid_utf8_bytes_inside_json(tmp_path: Path) -> None:
@@ -147,6 +197,7 @@ def test_length_filters(tmp_path: Path) -> None:
     assert _texts(tmp_path / "out") == ["two words"]
     counts = summary["sources"][str(src)]
     assert (counts["too_short_dropped"], counts["too_long_dropped"]) == (1, 1)
+    assert [r["line"] for r in _rejected(tmp_path / "out")] == [1, 3]
 
 
 def test_config_errors(tmp_path: Path) -> None:
@@ -154,7 +205,7 @@ def test_config_errors(tmp_path: Path) -> None:
         run_text(TextConfig(out=tmp_path / "o", corpus=[tmp_path / "missing.txt"]))
     src = tmp_path / "c.txt"
     src.write_text("x\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="invalid_utf8"):
+    with pytest.raises(ConfigError, match="invalid_utf8: expected one of replace, reject"):
         run_text(TextConfig(out=tmp_path / "o", corpus=[src], invalid_utf8="ignore"))
     with pytest.raises(ConfigError, match="format"):
         run_text(TextConfig(out=tmp_path / "o", corpus=[src], format="csv"))
@@ -169,16 +220,15 @@ def test_plain_reader_line_numbers(tmp_path: Path) -> None:
 
 
 @pytest.mark.shared_data
-def test_real_corpora_smoke(tmp_path: Path) -> None:
-    if not SHARED.exists():
-        pytest.skip(f"shared data not found at {SHARED}")
-    files = [SHARED / "text" / "cc3m_validation.tsv", SHARED / "text" / "pride_and_prejudice.txt"]
+def test_real_corpora_smoke(tmp_path: Path, shared_data: Path) -> None:
+    files = [shared_data / "text" / "cc3m_validation.tsv", shared_data / "text" / "pride_and_prejudice.txt"]
     summary = run_text(TextConfig(out=tmp_path / "out", corpus=files))
     cc = summary["sources"][str(files[0])]
     book = summary["sources"][str(files[1])]
     assert cc["format"] == "cc3m" and cc["items_read"] == 15833
     assert book["format"] == "book"
-    assert cc["kept"] + cc["duplicates_dropped"] + cc["empty_dropped"] + cc["too_long_dropped"] == 15833
+    assert cc["kept"] + cc["duplicates_dropped"] + cc["empty_dropped"] + cc["too_long_dropped"] \
+        + cc["malformed_dropped"] == 15833
     texts = _texts(tmp_path / "out")
     assert len(texts) == summary["sentences"] == cc["kept"] + book["kept"]
     assert not any("Project Gutenberg" in t for t in texts)

@@ -9,19 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from muvla.training.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
+from muvla.training.optim import linear_warmup_decay, param_groups
 from muvla.training.plots import plot_training_curves, read_metrics
-from muvla.training.trainer import (
-    ResumableDistributedSampler,
-    StepOutput,
-    TrainConfig,
-    Trainer,
-    batch_seed,
-    latest_checkpoint,
-    linear_warmup_decay,
-    list_checkpoints,
-    load_model_weights,
-    param_groups,
-)
+from muvla.training.sampler import ResumableDistributedSampler, batch_seed
+from muvla.training.trainer import StepOutput, TrainConfig, Trainer
 from muvla.utils.config import ConfigError, load_config
 from trainer_toy import ToyCollate, ToyDataset, flat_params, make_model
 
@@ -92,7 +84,7 @@ def test_schedule_values():
 
 def test_trainer_logs_scheduled_lr(tmp_path):
     train(tmp_path, max_steps=10, warmup_ratio=0.2, lr=1e-2)
-    lrs = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl").rows]
     expected = [1e-2 * linear_warmup_decay(s, 2, 10) for s in range(10)]
     assert lrs == pytest.approx(expected, abs=1e-12)
     assert lrs[:3] == pytest.approx([0.0, 5e-3, 1e-2])
@@ -147,7 +139,7 @@ def test_sampler_resumes_mid_epoch_and_checks_state():
 def test_loss_falls_and_outputs(tmp_path):
     trainer, summary = train(tmp_path, max_steps=40, log_every=5, lr=2e-2, plot=True, tensorboard=True,
                              dataset=ToyDataset(n=64))
-    rows = read_metrics(tmp_path / "metrics.jsonl")
+    rows = read_metrics(tmp_path / "metrics.jsonl").rows
     assert [r["step"] for r in rows] == list(range(5, 41, 5))
     assert rows[-1]["loss"] < 0.3 * rows[0]["loss"]
     for key in ("lr", "loss", "samples_per_s", "peak_mem_mb", "grad_norm", "mse_loss", "mean_abs_pred", "epoch"):
@@ -176,8 +168,8 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
     full, _ = train(tmp_path / "full", max_steps=5, batch_size=8, grad_accum=1)
     accum, _ = train(tmp_path / "accum", max_steps=5, batch_size=4, grad_accum=2)
     assert torch.allclose(flat_params(full.model), flat_params(accum.model), atol=1e-6, rtol=0)
-    a = [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
-    b = [r["loss"] for r in read_metrics(tmp_path / "accum" / "metrics.jsonl")]
+    a = [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl").rows]
+    b = [r["loss"] for r in read_metrics(tmp_path / "accum" / "metrics.jsonl").rows]
     assert a == pytest.approx(b, abs=1e-6)
     assert not torch.equal(flat_params(full.model), flat_params(make_model()))
 
@@ -187,7 +179,7 @@ def test_gradient_clipping(tmp_path, max_norm):
     trainer, _ = train(tmp_path, max_steps=1, warmup_ratio=0.0, max_grad_norm=max_norm)
     # After one AdamW step the first moment is (1 - beta1) * (clipped) gradient.
     exp_avg = torch.cat([st["exp_avg"].reshape(-1) for st in trainer.optimizer.state.values()])
-    grad_norm = read_metrics(tmp_path / "metrics.jsonl")[0]["grad_norm"]  # logged before clipping
+    grad_norm = read_metrics(tmp_path / "metrics.jsonl").rows[0]["grad_norm"]  # logged before clipping
     used = max_norm if max_norm > 0 else grad_norm
     assert grad_norm > 1e-2
     assert float(exp_avg.norm()) == pytest.approx((1 - trainer.cfg.betas[0]) * used, rel=1e-4)
@@ -210,7 +202,7 @@ def test_checkpoint_contents_and_pruning(tmp_path):
     load_model_weights(last, fresh)
     assert torch.equal(flat_params(fresh), flat_params(trainer.model))
     assert not list((tmp_path / "checkpoints").glob(".*"))  # no temporary leftovers
-    with pytest.raises(ConfigError, match="resume=True"):
+    with pytest.raises(ConfigError, match="pass --resume"):
         train(tmp_path, max_steps=7)
 
 
@@ -224,15 +216,15 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     crashing.fail_at_call = 9
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(tmp_path / "run", model=crashing, dataset=data, collate=ToyCollate(0.1), **kw)
-    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [2, 4, 6, 8]
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl").rows] == [2, 4, 6, 8]
     assert latest_checkpoint(tmp_path / "run").name == "step-0000006"
 
     resumed_model = make_model(seed=123, dropout=0.2)  # different init: weights must come from the checkpoint
     resumed, summary = train(tmp_path / "run", model=resumed_model, dataset=data, collate=ToyCollate(0.1),
                              resume=True, num_workers=1, **kw)
     assert summary["resumed_from"].endswith("step-0000006")
-    ref_rows = read_metrics(tmp_path / "ref" / "metrics.jsonl")
-    got_rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    ref_rows = read_metrics(tmp_path / "ref" / "metrics.jsonl").rows
+    got_rows = read_metrics(tmp_path / "run" / "metrics.jsonl").rows
     assert [r["step"] for r in got_rows] == [2, 4, 6, 8, 10]  # the step-8 row of the crashed run was dropped
     for a, b in zip(ref_rows, got_rows):
         for key in ("loss", "lr", "mse_loss", "mean_abs_pred", "grad_norm", "epoch"):
@@ -278,7 +270,7 @@ def test_plot_skips_torn_lines(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps({"step": 1, "loss": 2.0, "mlm_loss": 1.0}) + "\n"
                     + json.dumps({"step": 2, "loss": 1.5, "mlm_loss": 0.7}) + "\n{\"step\": 3, \"lo")
-    assert len(read_metrics(path)) == 2
+    assert len(read_metrics(path).rows) == 2
     assert plot_training_curves(path, tmp_path / "fig" / "c.png").stat().st_size > 0
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="no metric rows"):
@@ -287,7 +279,7 @@ def test_plot_skips_torn_lines(tmp_path):
 
 def test_bf16_autocast_on_cpu(tmp_path):
     trainer, summary = train(tmp_path, max_steps=30, log_every=10, lr=2e-2, precision="bf16")
-    rows = read_metrics(tmp_path / "metrics.jsonl")
+    rows = read_metrics(tmp_path / "metrics.jsonl").rows
     assert summary["precision"] == "bf16"
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast keeps fp32 masters
@@ -299,7 +291,7 @@ def test_resume_with_more_steps_and_changed_batch(tmp_path):
         train(tmp_path, max_steps=8, batch_size=4, resume=True)
     trainer, summary = train(tmp_path, max_steps=8, resume=True)
     assert summary["resumed_from"].endswith("step-0000004") and summary["steps"] == 8
-    rows = read_metrics(tmp_path / "metrics.jsonl")
+    rows = read_metrics(tmp_path / "metrics.jsonl").rows
     assert [r["step"] for r in rows] == list(range(1, 9))
     # steps 5..8 follow the new 8-step schedule (warm-up 0 steps at ratio 0.1, then decay to 0 at 8)
     assert [r["lr"] for r in rows[4:]] == pytest.approx([1e-2 * (8 - s) / 8 for s in range(4, 8)])

@@ -72,7 +72,7 @@ def test_ddp_disjoint_shards_identical_params_and_single_process_match(tmp_path)
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-0000002", "step-0000004"]
     ckpt = out / "checkpoints" / "step-0000004"
     assert sorted(p.name for p in ckpt.glob("rank-*.pt")) == ["rank-00000.pt", "rank-00001.pt"]
-    rows = read_metrics(out / "metrics.jsonl")
+    rows = read_metrics(out / "metrics.jsonl").rows
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
     # The interleaved shards give the two ranks together the same 8 samples per step as one process
@@ -84,7 +84,7 @@ def test_ddp_disjoint_shards_identical_params_and_single_process_match(tmp_path)
     assert [sorted(per_step[0][s] + per_step[1][s]) for s in range(4)] == \
         [sorted(b) for b in single.model.seen_indices]
     assert torch.allclose(res[0]["params"], flat_params(single.model), atol=1e-5, rtol=0)
-    single_rows = read_metrics(tmp_path / "single" / "metrics.jsonl")
+    single_rows = read_metrics(tmp_path / "single" / "metrics.jsonl").rows
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in single_rows], abs=1e-5)
 
 
@@ -122,8 +122,8 @@ def test_ddp_kill_and_resume_matches_uninterrupted(tmp_path):
     resumed_step = int(Path(summary["resumed_from"]).name.split("-")[1])
     assert resumed_step >= 10
 
-    ref_rows = read_metrics(ref_out / "metrics.jsonl")
-    got_rows = read_metrics(run_out / "metrics.jsonl")
+    ref_rows = read_metrics(ref_out / "metrics.jsonl").rows
+    got_rows = read_metrics(run_out / "metrics.jsonl").rows
     assert [r["step"] for r in got_rows] == list(range(2, 21, 2))
     for a, b in zip(ref_rows, got_rows):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]

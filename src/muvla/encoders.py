@@ -43,9 +43,14 @@ def _resolve(name_or_path: str | Path) -> str:
 
 
 def _offline() -> None:
-    # Never reach the network: a missing model must fail fast with a clear error.
+    # Never reach the network: a missing model must fail fast with a clear error. Loading bars of
+    # the HF libraries are switched off: our own bars say what a stage is doing.
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 @lru_cache(maxsize=4)

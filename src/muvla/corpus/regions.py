@@ -242,10 +242,13 @@ class RegionStore:
     def _part(self, name: str) -> dict[str, np.ndarray | None]:
         if name not in self._arrays:
             folder = self.root / "parts" / name
-            arrays: dict[str, np.ndarray | None] = {
-                key: np.load(folder / f"{key}.npy", mmap_mode="r")
-                for key in ("features", "boxes", "scores", "class_ids")
-            }
+            try:
+                arrays: dict[str, np.ndarray | None] = {
+                    key: np.load(folder / f"{key}.npy", mmap_mode="r")
+                    for key in ("features", "boxes", "scores", "class_ids")
+                }
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{folder}: cannot read the region arrays ({err})") from err
             probs = folder / "class_probs.npy"
             arrays["class_probs"] = np.load(probs, mmap_mode="r") if probs.exists() else None
             self._arrays[name] = arrays
@@ -286,6 +289,11 @@ class RegionStore:
         idx = self._index
         arrays = self._part(idx["part"][i])
         row, n = int(idx["row"][i]), int(idx["num_regions"][i])
+        rows, max_regions = arrays["boxes"].shape[:2]
+        if not 0 <= row < rows:
+            raise ValueError(f"image {idx['image_id'][i]!r}: row {row} outside part {idx['part'][i]} ({rows} rows)")
+        if not 0 <= n <= max_regions:
+            raise ValueError(f"image {idx['image_id'][i]!r}: num_regions {n} outside 0..{max_regions}")
         probs = arrays["class_probs"]
         return ImageRegions(
             image_id=idx["image_id"][i], file=idx["file"][i],

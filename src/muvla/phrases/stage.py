@@ -1,20 +1,28 @@
 """Phrases stage: noun phrases of retrieved sentences and region-phrase matching (METHOD.md section 3).
 
-Two unit kinds, both resumable and shardable like the other stages:
-- phrase units over the sorted distinct retrieved sentence ids: spaCy ``noun_chunks`` with their
-  character spans, and the WordPiece token span of each phrase (tokens whose offsets overlap the
-  phrase; no special tokens) -> ``parts/phrases-part-XXXXX.parquet``;
-- match units over images: for each (image, rank) every region tag is compared with every phrase of
-  the sentence by Sentence-BERT cosine; a region keeps its best phrase and that similarity clipped
-  to [0, 1] -> ``parts/matches-part-XXXXX.parquet``.
-Match units need all phrase units: a rank matches its own units only once every phrase unit exists
-(otherwise its summary says ``waiting_for_shards``); rank 0, once phrases are complete, also matches
-any unit still missing and merges. A rank-0 rerun after the other shards finished completes the job.
+Three phases of work units, each resumable and shardable like the other stages:
+
+1. ``phrases`` units over the sorted distinct retrieved sentence ids: spaCy ``noun_chunks`` with
+   their character spans and the WordPiece token span of each phrase;
+2. ``strings`` units over the sorted distinct strings to compare (every region tag of a retrieved
+   image and every phrase): Sentence-BERT embeddings, encoded in large batches, once each;
+3. ``matches`` units over images in top-K order: for each (image, rank) every region tag is
+   compared with every phrase of the sentence by cosine; a region keeps its best phrase and that
+   similarity clipped to [0, 1].
+
+Once the parse units are all there, the main process also does the strings and matches units no
+other process has written yet, so it can finish the stage alone.
+
+A string's embedding depends only on the strings unit it falls in, never on which process or
+which other images came before, so a sharded run writes exactly the same bytes as one process.
+A phase starts once every unit of the previous one exists; a process that gets there first
+reports ``waiting_for_shards`` and a rerun continues.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,69 +34,67 @@ import pyarrow.parquet as pq
 import yaml
 
 from muvla import encoders
-from muvla.retrieval.stage import read_region_tags, region_index_path
-from muvla.text.stage import read_sentences
-from muvla.utils.config import ConfigError, save_config
+from muvla.corpus.layout import (
+    PairMatch,
+    PhrasesOutput,
+    RegionsOutput,
+    RetrievalOutput,
+    SentencePhrases,
+    TextOutput,
+    write_parquet,
+)
+from muvla.corpus.provenance import BuildRecord, StageRun, finish_output, prepare_output, reused_summary
+from muvla.utils.config import ConfigError, output_settings, save_config, setting
 from muvla.utils.progress import progress
-from muvla.utils.shards import atomic_file, clean_stale_tmp, resolve_shard, unit_name, unit_ranges
+from muvla.utils.shards import UnitPlan, atomic_file, clean_stale_tmp, unit_ranges
 
-PHRASES_SCHEMA = pa.schema([
-    ("sentence_id", pa.int64()),
-    ("phrases", pa.list_(pa.string())),
-    ("char_spans", pa.list_(pa.list_(pa.int32(), 2))),
-    ("token_spans", pa.list_(pa.list_(pa.int32(), 2))),
-])
-MATCHES_SCHEMA = pa.schema([
-    ("image_id", pa.string()),
-    ("rank", pa.int32()),
-    ("sentence_id", pa.int64()),
-    ("region_phrase", pa.list_(pa.int32())),
-    ("region_sim", pa.list_(pa.float32())),
-])
+
+@dataclass(kw_only=True)
+class PhrasesSettings:
+    """Which models parse and compare, and how the work is cut into units."""
+
+    spacy_model: str = setting("auto", help="spaCy English pipeline with a parser ('auto' = the installed small one)")
+    model: str = setting("default", help="Sentence-BERT used for tag-phrase similarity ('default' = bundled)")
+    tokenizer: str = setting("default", help="WordPiece tokenizer whose token spans pre-training uses")
+    unit_size: int = setting(512, help="sentences (parse units) or images (match units) per work unit")
+    strings_unit_size: int = setting(20_000, help="distinct tags and phrases per embedding unit")
+    batch_size: int = setting(256, help="texts per spaCy / encoder batch", runtime=True)
+    device: str = setting("cpu", help="device of the sentence encoder (cpu, cuda)", runtime=True)
+
+    def validate(self) -> None:
+        for name in ("batch_size", "unit_size", "strings_unit_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"phrases.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
-class PhrasesConfig:
-    """Inputs default to the regions/text folders recorded in the retrieval folder's config.yaml."""
+class PhrasesConfig(PhrasesSettings, StageRun):
+    """``muvla phrases``. ``regions`` / ``text`` default to the folders the retrieval stage read."""
 
-    out: Path
-    retrieval: Path
-    regions: Path | None = None
-    text: Path | None = None
-    spacy_model: str = "auto"
-    model: str = "default"  # Sentence-BERT for tag-phrase similarity
-    tokenizer: str = "default"  # WordPiece tokenizer whose token spans the pre-training model uses
-    batch_size: int = 256
-    unit_size: int = 512
-    device: str = "cpu"
-    shard: int | None = None
-    num_shards: int | None = None
+    out: Path = setting(help="output folder (sentence_phrases.parquet, matches.parquet)")
+    retrieval: Path = setting(help="retrieval (or `muvla pairs`) output folder")
+    regions: Path | None = setting(None, help="regions stage output (default: the one the retrieval stage read)")
+    text: Path | None = setting(None, help="text stage output (default: the one the retrieval stage read)")
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.unit_size < 1:
-            raise ConfigError("phrases: batch_size and unit_size must be >= 1")
-        if not (Path(self.retrieval) / "topk.parquet").exists():
-            raise ConfigError(f"phrases: {Path(self.retrieval) / 'topk.parquet'} not found (run the retrieval stage)")
-        try:
-            resolve_shard(self.shard, self.num_shards)
-        except ValueError as err:
-            raise ConfigError(f"phrases: {err}") from err
+        super().validate()
+        self.shard_spec()
+        if not RetrievalOutput(Path(self.retrieval)).topk.exists():
+            raise ConfigError(f"phrases: {RetrievalOutput(Path(self.retrieval)).topk} not found "
+                              "(run the retrieval stage)")
 
-    def resolved_inputs(self) -> tuple[Path, Path]:
+    def resolved_inputs(self) -> tuple[RegionsOutput, TextOutput]:
         """(regions, text): explicit values, else those recorded by the retrieval stage."""
         regions, text = self.regions, self.text
         if regions is None or text is None:
             cfg_path = Path(self.retrieval) / "config.yaml"
             if not cfg_path.exists():
-                raise ConfigError(f"phrases: give regions and text, or a retrieval folder with config.yaml ({cfg_path})")
+                raise ConfigError(f"phrases: give --regions and --text, or a retrieval folder with config.yaml "
+                                  f"({cfg_path})")
             recorded = (yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}).get("config", {})
             regions = regions if regions is not None else Path(recorded["regions"])
             text = text if text is not None else Path(recorded["text"])
-        if not region_index_path(regions).exists():
-            raise ConfigError(f"phrases: region index {region_index_path(regions)} not found")
-        if not (Path(text) / "sentences.parquet").exists():
-            raise ConfigError(f"phrases: {Path(text) / 'sentences.parquet'} not found")
-        return Path(regions), Path(text)
+        return RegionsOutput(Path(regions)), TextOutput(Path(text))
 
 
 def token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
@@ -98,7 +104,7 @@ def token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[in
 
 
 def extract_phrases(texts: list[str], spacy_model: str = "auto", tokenizer: str = "default",
-                    batch_size: int = 256) -> list[dict[str, Any]]:
+                    batch_size: int = 256) -> list[SentencePhrases]:
     """Noun chunks with char spans and WordPiece token spans for each text (same order as ``texts``)."""
     nlp = encoders.load_spacy(spacy_model)
     tok = encoders.load_wordpiece_tokenizer(tokenizer)
@@ -106,36 +112,33 @@ def extract_phrases(texts: list[str], spacy_model: str = "auto", tokenizer: str 
     results = []
     for j, doc in enumerate(nlp.pipe(texts, batch_size=batch_size)):
         offsets = [tuple(o) for o in enc["offset_mapping"][j]]
-        phrases, chars, toks = [], [], []
+        row = SentencePhrases([], [], [])
         for chunk in doc.noun_chunks:
             span = token_span(offsets, chunk.start_char, chunk.end_char)
             if span[0] < 0:  # a chunk of characters the tokenizer drops entirely (e.g. control chars)
                 continue
-            phrases.append(chunk.text)
-            chars.append([chunk.start_char, chunk.end_char])
-            toks.append(list(span))
-        results.append({"phrases": phrases, "char_spans": chars, "token_spans": toks})
+            row.phrases.append(chunk.text)
+            row.char_spans.append([chunk.start_char, chunk.end_char])
+            row.token_spans.append(list(span))
+        results.append(row)
     return results
 
 
-class EmbeddingCache:
-    """Sentence-BERT embeddings of short strings (tags, phrases), each encoded once per process."""
+class StringEmbeddings:
+    """Embeddings of the stage's distinct strings, read from the memory-mapped ``strings`` units."""
 
-    def __init__(self, model: str, device: str, batch_size: int) -> None:
-        self.model, self.device, self.batch_size = model, device, batch_size
-        self.vectors: dict[str, np.ndarray] = {}
+    def __init__(self, strings: list[str], plan: UnitPlan, unit_size: int) -> None:
+        self.index = {s: i for i, s in enumerate(strings)}
+        self.unit_size = unit_size
+        self.parts = [np.load(plan.path(u), mmap_mode="r") for u in range(plan.n_units)]
 
-    def get(self, strings: list[str]) -> np.ndarray:
-        new = [s for s in dict.fromkeys(strings) if s not in self.vectors]
-        if new:
-            emb = encoders.encode(new, batch_size=self.batch_size, model=self.model, device=self.device)
-            self.vectors.update(zip(new, emb))
-        if not strings:
-            return np.zeros((0, encoders.embedding_dim(self.model, self.device)), dtype=np.float32)
-        return np.stack([self.vectors[s] for s in strings])
+    def __call__(self, strings: list[str]) -> np.ndarray:
+        rows = [self.index[s] for s in strings]
+        return np.stack([self.parts[r // self.unit_size][r % self.unit_size] for r in rows]).astype(np.float32)
 
 
-def match_regions(tags: list[str], phrases: list[str], cache: EmbeddingCache) -> tuple[list[int], list[float]]:
+def match_regions(tags: list[str], phrases: list[str],
+                  embed: StringEmbeddings) -> tuple[list[int], list[float]]:
     """Per region: index of the most similar phrase (-1 if none / empty tag) and its cosine clipped to [0, 1]."""
     if not tags:
         return [], []
@@ -145,7 +148,7 @@ def match_regions(tags: list[str], phrases: list[str], cache: EmbeddingCache) ->
     best = [-1] * len(tags)
     sims = [0.0] * len(tags)
     if valid:
-        sim = cache.get([tags[i] for i in valid]) @ cache.get(phrases).T
+        sim = embed([tags[i] for i in valid]) @ embed(phrases).T
         arg = sim.argmax(axis=1)
         top = np.clip(sim[np.arange(len(valid)), arg], 0.0, 1.0)
         for row, i in enumerate(valid):
@@ -154,128 +157,191 @@ def match_regions(tags: list[str], phrases: list[str], cache: EmbeddingCache) ->
     return best, sims
 
 
-def _write_parquet(path: Path, table: pa.Table) -> None:
-    with atomic_file(path) as tmp:
-        pq.write_table(table, tmp)
+@dataclass
+class _Work:
+    """What every phase reads: retrieved pairs, their sentences and the images' tags."""
+
+    sentence_ids: np.ndarray  # sorted distinct retrieved sentence ids
+    images: list[str]  # images in top-K order
+    pairs: dict[str, list[tuple[int, int]]]  # image -> [(rank, sentence id)]
+    tags: dict[str, list[str]]
+
+
+def _load_work(retrieval: RetrievalOutput, regions: RegionsOutput, text: TextOutput) -> _Work:
+    topk = retrieval.read_topk()
+    sentence_ids = np.unique(topk.sentence_id).astype(np.int64)
+    n_text = text.count()
+    if sentence_ids.size and sentence_ids[-1] >= n_text:
+        raise ConfigError(f"phrases: topk.parquet refers to sentence {sentence_ids[-1]} but {text.root} has "
+                          f"{n_text} sentences; retrieval and text folders do not belong together")
+    ids, tags = regions.image_tags()
+    tags_of = dict(zip(ids, tags))
+    images = list(dict.fromkeys(topk.image_id))
+    unknown = [i for i in images if i not in tags_of]
+    if unknown:
+        raise ConfigError(f"phrases: {len(unknown)} image(s) of topk.parquet are not in the region index "
+                          f"{regions.index} (e.g. {unknown[:3]})")
+    return _Work(sentence_ids, images, topk.by_image(), {i: tags_of[i] for i in images})
+
+
+def _parse_phase(cfg: PhrasesSettings, plan: UnitPlan, work: _Work, text: TextOutput) -> int:
+    ranges = unit_ranges(len(work.sentence_ids), cfg.unit_size)
+    parsed = 0
+    for u in progress(plan.todo(), desc="extract noun phrases", unit="unit"):
+        start, stop = ranges[u]
+        ids = [int(i) for i in work.sentence_ids[start:stop]]
+        texts = text.texts(ids)
+        rows = extract_phrases([texts[i] for i in ids], cfg.spacy_model, cfg.tokenizer, cfg.batch_size)
+        with plan.write(u) as tmp:
+            pq.write_table(PhrasesOutput.phrases_table(list(zip(ids, rows))), tmp)
+        parsed += len(ids)
+    return parsed
+
+
+def _read_phrase_units(plan: UnitPlan) -> pa.Table:
+    return pa.concat_tables([pq.read_table(plan.path(u)) for u in range(plan.n_units)]) if plan.n_units \
+        else PhrasesOutput.phrases_table([])
+
+
+def _distinct_strings(phrases_of: dict[int, list[str]], work: _Work) -> list[str]:
+    strings = {t for tags in work.tags.values() for t in tags if t and t.strip()}
+    strings.update(p for phrases in phrases_of.values() for p in phrases)
+    return sorted(strings)
+
+
+def _strings_phase(cfg: PhrasesSettings, plan: UnitPlan, strings: list[str], include_others: bool) -> int:
+    ranges = unit_ranges(len(strings), cfg.strings_unit_size)
+    encoded = 0
+    for u in progress(plan.todo(include_others), desc="encode tags and phrases", unit="unit"):
+        if plan.done(u):  # another process finished it meanwhile
+            continue
+        start, stop = ranges[u]
+        emb = encoders.encode(strings[start:stop], batch_size=cfg.batch_size, model=cfg.model, device=cfg.device)
+        with plan.write(u) as tmp, open(tmp, "wb") as f:
+            np.save(f, emb.astype(np.float32))
+        encoded += stop - start
+    return encoded
+
+
+def _match_phase(plan: UnitPlan, units: list[int], work: _Work, phrases_of: dict[int, list[str]],
+                 embed: StringEmbeddings, unit_size: int) -> int:
+    ranges = unit_ranges(len(work.images), unit_size)
+    matched = 0
+    for u in progress(units, desc="match regions to phrases", unit="unit"):
+        if plan.done(u):
+            continue
+        start, stop = ranges[u]
+        rows = []
+        for image_id in work.images[start:stop]:
+            tags = work.tags[image_id]
+            for rank, sid in work.pairs[image_id]:
+                best, sims = match_regions(tags, phrases_of[sid], embed)
+                rows.append(PairMatch(image_id, rank, sid, best, sims))
+        with plan.write(u) as tmp:
+            pq.write_table(PhrasesOutput.matches_table(rows), tmp)
+        matched += len(rows)
+    return matched
 
 
 def run_phrases(cfg: PhrasesConfig) -> dict[str, Any]:
-    """Parse every retrieved sentence, then match each image's region tags to its sentences' phrases."""
+    """Parse every retrieved sentence, embed every distinct tag and phrase, match each image's
+    region tags to its sentences' phrases."""
     cfg.validate()
+    shard = cfg.shard_spec()
+    retrieval, output = RetrievalOutput(Path(cfg.retrieval)), PhrasesOutput(Path(cfg.out))
     regions, text = cfg.resolved_inputs()
-    spec = resolve_shard(cfg.shard, cfg.num_shards)
-    out = Path(cfg.out)
-    parts = out / "parts"
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale_tmp(parts)
-    clean_stale_tmp(out)
-    if spec.is_main:
-        save_config(cfg, out, inputs={"retrieval": str(cfg.retrieval), "regions": str(regions), "text": str(text)})
+    inputs = {"retrieval": retrieval.digest(), "regions": regions.digest(), "text": text.digest()}
+    record = BuildRecord("phrases", output_settings(cfg, exclude=("out", "retrieval", "regions", "text")), inputs)
 
-    topk = pq.read_table(Path(cfg.retrieval) / "topk.parquet")
-    sentence_ids = np.unique(topk.column("sentence_id").to_numpy()).astype(np.int64)
-    all_texts = read_sentences(text, columns=["text"]).column("text")
-    if sentence_ids.size and sentence_ids[-1] >= len(all_texts):
-        raise ConfigError(f"phrases: topk.parquet refers to sentence {sentence_ids[-1]} but {text} has "
-                          f"{len(all_texts)} sentences; retrieval and text folders do not belong together")
+    def clear(_old: BuildRecord | None) -> None:
+        for path in (*output.outputs(), output.root / "summary.json"):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(output.parts, ignore_errors=True)
 
-    # Phase 1: phrase units (sentences).
+    start = prepare_output(output.root, record, overwrite=cfg.overwrite, is_main=shard.is_main, clear=clear,
+                           outputs=output.outputs(), work=[output.parts])
+    if start.status == "reuse":
+        return reused_summary(output.root)
+    output.parts.mkdir(parents=True, exist_ok=True)
+    if shard.world == 1:
+        clean_stale_tmp(output.parts)
+    if shard.is_main:
+        save_config(cfg, output.root, inputs={"retrieval": str(retrieval.root), "regions": str(regions.root),
+                                              "text": str(text.root), **inputs})
+    work = _load_work(retrieval, regions, text)
+    summary: dict[str, Any] = {"stage": "phrases", "shard": shard.rank, "num_shards": shard.world}
+
     t0 = time.time()
-    phrase_ranges = unit_ranges(len(sentence_ids), cfg.unit_size)
-    parsed_now = 0
-    for u in progress(range(len(phrase_ranges)), desc="noun phrases", unit="unit"):
-        path = parts / f"phrases-{unit_name(u)}.parquet"
-        if not spec.owns(u) or path.exists():
-            continue
-        start, stop = phrase_ranges[u]
-        ids = sentence_ids[start:stop]
-        texts = [all_texts[int(i)].as_py() for i in ids]
-        rows = extract_phrases(texts, cfg.spacy_model, cfg.tokenizer, cfg.batch_size)
-        _write_parquet(path, pa.Table.from_pylist(
-            [{"sentence_id": int(i), **r} for i, r in zip(ids, rows)], schema=PHRASES_SCHEMA))
-        parsed_now += len(ids)
-    parse_seconds = time.time() - t0
-
-    summary: dict[str, Any] = {"stage": "phrases", "shard": spec.rank, "num_shards": spec.world,
-                               "sentences_parsed_now": parsed_now,
-                               "parse_sentences_per_s": round(parsed_now / parse_seconds, 1) if parsed_now else None}
-    missing = [u for u in range(len(phrase_ranges)) if not (parts / f"phrases-{unit_name(u)}.parquet").exists()]
-    if missing:
-        summary.update(status="waiting_for_shards", missing_phrase_units=missing)
-        _write_summary(out, spec.rank, summary)
-        return summary
-
-    phrase_tables = [pq.read_table(parts / f"phrases-{unit_name(u)}.parquet") for u in range(len(phrase_ranges))]
-    phrase_table = pa.concat_tables(phrase_tables) if phrase_tables else PHRASES_SCHEMA.empty_table()
+    parse_plan = UnitPlan(output.parts, "phrases", len(unit_ranges(len(work.sentence_ids), cfg.unit_size)), shard,
+                          ".parquet")
+    summary["sentences_parsed_now"] = _parse_phase(cfg, parse_plan, work, text)
+    summary["parse_seconds"] = round(time.time() - t0, 3)
+    if not parse_plan.complete():
+        return _finish_waiting(output, shard.rank, summary, parse_plan)
+    phrase_table = _read_phrase_units(parse_plan)
     phrases_of = dict(zip(phrase_table.column("sentence_id").to_pylist(), phrase_table.column("phrases").to_pylist()))
 
-    # Phase 2: match units over images in topk order.
-    image_ids, image_tags = read_region_tags(regions)
-    tags_of = dict(zip(image_ids, image_tags))
-    topk_images = topk.column("image_id").to_pylist()
-    ordered_images = list(dict.fromkeys(topk_images))
-    unknown = [i for i in ordered_images if i not in tags_of]
-    if unknown:
-        raise ConfigError(f"phrases: {len(unknown)} image(s) of topk.parquet are not in the region index "
-                          f"{region_index_path(regions)} (e.g. {unknown[:3]})")
-    rows_of: dict[str, list[tuple[int, int]]] = {}
-    for image_id, rank, sid in zip(topk_images, topk.column("rank").to_pylist(), topk.column("sentence_id").to_pylist()):
-        rows_of.setdefault(image_id, []).append((rank, sid))
-    cache = EmbeddingCache(cfg.model, cfg.device, cfg.batch_size)
-    match_ranges = unit_ranges(len(ordered_images), cfg.unit_size)
     t0 = time.time()
-    matched_now = 0
-    # Own units first; rank 0 then also does any unit still missing, because a rank that ran before
-    # all phrase units existed could not match (no rank ever waits on another one's rerun).
-    own = [u for u in range(len(match_ranges)) if spec.owns(u)]
-    others = [u for u in range(len(match_ranges)) if not spec.owns(u)] if spec.is_main else []
-    for u in progress(own + others, desc="region-phrase matching", unit="unit"):
-        path = parts / f"matches-{unit_name(u)}.parquet"
-        if path.exists():
-            continue
-        start, stop = match_ranges[u]
-        records = []
-        for image_id in ordered_images[start:stop]:
-            tags = [str(t) if t is not None else "" for t in tags_of[image_id]]
-            for rank, sid in sorted(rows_of[image_id]):
-                best, sims = match_regions(tags, phrases_of[sid], cache)
-                records.append({"image_id": image_id, "rank": rank, "sentence_id": sid,
-                                "region_phrase": best, "region_sim": sims})
-        _write_parquet(path, pa.Table.from_pylist(records, schema=MATCHES_SCHEMA))
-        matched_now += len(records)
-    match_seconds = time.time() - t0
-    summary["pairs_matched_now"] = matched_now
-    summary["match_pairs_per_s"] = round(matched_now / match_seconds, 1) if matched_now else None
+    strings = _distinct_strings(phrases_of, work)
+    strings_plan = UnitPlan(output.parts, "strings", len(unit_ranges(len(strings), cfg.strings_unit_size)), shard,
+                            ".npy")
+    encoders.load_sentence_encoder(cfg.model, cfg.device)
+    summary["strings_encoded_now"] = _strings_phase(cfg, strings_plan, strings, include_others=shard.is_main)
+    summary["encode_seconds"] = round(time.time() - t0, 3)
+    if not strings_plan.complete():
+        return _finish_waiting(output, shard.rank, summary, strings_plan)
 
-    if not spec.is_main:
+    t0 = time.time()
+    match_plan = UnitPlan(output.parts, "matches", len(unit_ranges(len(work.images), cfg.unit_size)), shard,
+                          ".parquet")
+    embed = StringEmbeddings(strings, strings_plan, cfg.strings_unit_size)
+    summary["pairs_matched_now"] = _match_phase(match_plan, match_plan.todo(include_others=shard.is_main), work,
+                                                phrases_of, embed, cfg.unit_size)
+    summary["match_seconds"] = round(time.time() - t0, 3)
+    if not shard.is_main or not match_plan.complete():
         summary["status"] = "shard_done"
-        _write_summary(out, spec.rank, summary)
+        _write_summary(output, shard.rank, summary)
         return summary
 
-    _write_parquet(out / "sentence_phrases.parquet", phrase_table)
-    match_tables = [pq.read_table(parts / f"matches-{unit_name(u)}.parquet") for u in range(len(match_ranges))]
-    matches = pa.concat_tables(match_tables) if match_tables else MATCHES_SCHEMA.empty_table()
-    _write_parquet(out / "matches.parquet", matches)
+    write_parquet(output.sentence_phrases, phrase_table)
+    matches = pa.concat_tables([pq.read_table(match_plan.path(u)) for u in range(match_plan.n_units)]) \
+        if match_plan.n_units else PhrasesOutput.matches_table([])
+    write_parquet(output.matches, matches)
+    summary.update(status="done", strings=len(strings), **_match_statistics(phrases_of, matches, len(work.images)))
+    _write_summary(output, shard.rank, summary)
+    finish_output(output.root, record, output.outputs())
+    return summary
 
+
+def _match_statistics(phrases_of: dict[int, list[str]], matches: pa.Table, n_images: int) -> dict[str, Any]:
     n_phrases = [len(p) for p in phrases_of.values()]
     best_sims = [s for row_p, row_s in zip(matches.column("region_phrase").to_pylist(),
                                           matches.column("region_sim").to_pylist())
                  for p, s in zip(row_p, row_s) if p >= 0]
-    summary.update(
-        status="done",
-        sentences_parsed=len(phrases_of),
-        phrases_per_sentence=round(float(np.mean(n_phrases)), 4) if n_phrases else 0.0,
-        sentences_without_phrase=int(sum(1 for c in n_phrases if c == 0)),
-        images=len(ordered_images),
-        pairs=matches.num_rows,
-        regions_matched=len(best_sims),
-        mean_best_similarity=round(float(np.mean(best_sims)), 4) if best_sims else None,
-    )
-    _write_summary(out, spec.rank, summary)
+    return {"sentences_parsed": len(phrases_of),
+            "phrases_per_sentence": round(float(np.mean(n_phrases)), 4) if n_phrases else 0.0,
+            "sentences_without_phrase": int(sum(1 for c in n_phrases if c == 0)),
+            "images": n_images, "pairs": matches.num_rows, "regions_matched": len(best_sims),
+            "mean_best_similarity": round(float(np.mean(best_sims)), 4) if best_sims else None}
+
+
+def _finish_waiting(output: PhrasesOutput, rank: int, summary: dict[str, Any], plan: UnitPlan) -> dict[str, Any]:
+    summary.update(plan.waiting("phrases"))
+    _write_summary(output, rank, summary)
     return summary
 
 
-def _write_summary(out: Path, rank: int, summary: dict[str, Any]) -> None:
+def _write_summary(output: PhrasesOutput, rank: int, summary: dict[str, Any]) -> None:
     name = "summary.json" if rank == 0 else f"summary.rank-{rank:05d}.json"
-    with atomic_file(out / name) as tmp:
+    with atomic_file(output.root / name) as tmp:
         tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+
+
+def describe(summary: dict[str, Any]) -> list[str]:
+    """The few lines ``muvla phrases`` prints at the end (details in summary.json)."""
+    if summary.get("status") != "done":
+        return [f"phrases: {summary.get('status')}: {summary.get('note', '')}".rstrip(": ")]
+    return [f"phrases: {summary['sentences_parsed']} sentences parsed ({summary['phrases_per_sentence']:.2f} noun "
+            f"phrases each), {summary['regions_matched']} regions matched over {summary['pairs']} pairs "
+            f"(mean similarity {summary['mean_best_similarity']})"
+            + (" (reused: already built)" if summary.get("reused") else "")]

@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from muvla.corpus.regions import ImageRegions, RegionStore
+from muvla.corpus.layout import CorpusLayout
+from muvla.corpus.regions import ImageRegions
 from muvla.pretraining.masking import mask_is, mask_rn, mask_rt, phrase_targets, sample_itm_negatives
+from muvla.utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -44,40 +43,32 @@ PMRTC_MAX_PIECES = 8  # WordPieces of a phrase used as p-MRTC targets (longer ph
 class PretrainCorpus:
     """Everything pre-training reads from a corpus folder, indexed by usable image.
 
-    corpus_dir: folder with ``regions/``, ``text/sentences.parquet``, ``retrieval/topk.parquet`` and
-    ``phrases/{sentence_phrases,matches}.parquet``. ``retrieval_dir`` / ``phrases_dir`` override the
-    last two (baselines built with ``muvla pairs`` keep theirs elsewhere). ``k``: use only ranks < k
-    (the K ablation); None = all retrieved ranks. ``max_text_len`` counts [CLS] and [SEP]; the
-    tag sequence of R-T uses the same limit. ``max_regions``: keep an image's first regions.
+    ``corpus``: a corpus folder (``regions/``, ``text/``, ``retrieval/``, ``phrases/``) or a
+    :class:`CorpusLayout`; ``retrieval_dir`` / ``phrases_dir`` override the last two (baselines built
+    with ``muvla pairs`` keep theirs elsewhere). ``k``: use only ranks < k (the K ablation); None =
+    all retrieved ranks. ``max_text_len`` counts [CLS] and [SEP]; the tag sequence of R-T uses the
+    same limit. ``max_regions``: keep an image's first regions. Whether the parts belong together is
+    checked by ``CorpusLayout.verify`` (``run_pretrain`` calls it); a retrieved pair without its
+    region-phrase match row is refused here too.
     """
 
-    def __init__(self, corpus_dir: str | Path, tokenizer: Any, max_text_len: int = 36, max_regions: int = 50,
-                 k: int | None = None, retrieval_dir: str | Path | None = None,
-                 phrases_dir: str | Path | None = None, regions_dir: str | Path | None = None,
-                 text_dir: str | Path | None = None) -> None:
+    def __init__(self, corpus: str | Path | CorpusLayout, tokenizer: Any, max_text_len: int = 36,
+                 max_regions: int = 50, k: int | None = None, retrieval_dir: str | Path | None = None,
+                 phrases_dir: str | Path | None = None) -> None:
         if max_text_len < 3:
             raise ValueError(f"max_text_len must be >= 3 ([CLS] + a token + [SEP]), got {max_text_len}")
         if max_regions < 1:
             raise ValueError(f"max_regions must be >= 1, got {max_regions}")
         if k is not None and k < 1:
             raise ValueError(f"k must be >= 1 (or None for all retrieved ranks), got {k}")
-        root = Path(corpus_dir)
-        self.regions_dir = Path(regions_dir) if regions_dir else root / "regions"
-        self.text_dir = Path(text_dir) if text_dir else root / "text"
-        self.retrieval_dir = Path(retrieval_dir) if retrieval_dir else root / "retrieval"
-        self.phrases_dir = Path(phrases_dir) if phrases_dir else root / "phrases"
-        paths = {"sentences": self.text_dir / "sentences.parquet", "topk": self.retrieval_dir / "topk.parquet",
-                 "sentence_phrases": self.phrases_dir / "sentence_phrases.parquet",
-                 "matches": self.phrases_dir / "matches.parquet"}
-        for name, path in paths.items():
-            if not path.is_file():
-                raise FileNotFoundError(f"pre-training corpus: {name} file {path} not found "
-                                        "(build the corpus with `muvla corpus`, or `muvla pairs` + `muvla phrases`)")
+        self.layout = corpus if isinstance(corpus, CorpusLayout) else CorpusLayout.at(corpus, retrieval_dir,
+                                                                                      phrases_dir)
+        self._check_files()
         self.tokenizer = tokenizer
         self.max_text_len = max_text_len
         self.max_regions = max_regions
         self.k = k
-        self.store = RegionStore(self.regions_dir)
+        self.store = self.layout.regions.store()
         self.feature_dim = self.store.feature_dim
         self.skipped: Counter[str] = Counter()
         self.cls_id = int(tokenizer.cls_token_id)
@@ -86,26 +77,46 @@ class PretrainCorpus:
         self.mask_id = int(tokenizer.mask_token_id)
         self.vocab_size = int(len(tokenizer))
         self.special_ids = sorted({int(i) for i in tokenizer.all_special_ids})
+        by_image = self._retrieved_pairs()
+        self._tokenise_sentences(by_image)
+        self._phrase_tokens()
+        self._region_matches(by_image)
+        self._usable_images(by_image)
+        # ITM negative pool: every retrieved sentence; exclusions are the image's own top-K
+        self.pool = np.array(sorted({s for sids in self.image_sentences for s in sids}), dtype=np.int64)
+        self.pool_index = {int(s): i for i, s in enumerate(self.pool)}
+        self.max_k = max((len(s) for s in self.image_sentences), default=0)
+        self._tag_cache: dict[str, list[int]] = {}
 
-        # retrieved pairs, ranks < k, in rank order
-        topk = _read(paths["topk"], ["image_id", "rank", "sentence_id"])
-        by_image: dict[str, list[tuple[int, int]]] = {}
-        for image_id, rank, sid in zip(topk["image_id"], topk["rank"], topk["sentence_id"]):
-            if k is not None and rank >= k:
-                continue
-            by_image.setdefault(str(image_id), []).append((int(rank), int(sid)))
+    def _check_files(self) -> None:
+        layout = self.layout
+        paths = {"regions index": layout.regions.index, "sentences": layout.text.sentences,
+                 "topk": layout.retrieval.topk, "sentence_phrases": layout.phrases.sentence_phrases,
+                 "matches": layout.phrases.matches}
+        for name, path in paths.items():
+            if not path.is_file():
+                raise FileNotFoundError(f"pre-training corpus: {name} file {path} not found "
+                                        "(build the corpus with `muvla corpus`, or `muvla pairs` + `muvla phrases`)")
 
-        # tokenise only the retrieved sentences
+    def _retrieved_pairs(self) -> dict[str, list[tuple[int, int]]]:
+        """image -> [(rank, sentence id)] of ranks < k, in rank order."""
+        pairs = self.layout.retrieval.read_topk().by_image()
+        if self.k is None:
+            return pairs
+        return {image: [(r, s) for r, s in ranked if r < self.k] for image, ranked in pairs.items()}
+
+    def _tokenise_sentences(self, by_image: dict[str, list[tuple[int, int]]]) -> None:
+        """[CLS] pieces [SEP] of the retrieved sentences only (not the whole text store)."""
         wanted = sorted({sid for pairs in by_image.values() for _, sid in pairs})
-        texts = _sentence_texts(paths["sentences"], set(wanted))
+        texts = self.layout.text.texts(wanted)
         missing = [sid for sid in wanted if sid not in texts]
         if missing:
             self.skipped["retrieved_sentence_not_in_text_store"] += len(missing)
             logger.warning("%d retrieved sentence ids are not in %s (e.g. %s); those pairs are skipped",
-                           len(missing), paths["sentences"], missing[:3])
+                           len(missing), self.layout.text.sentences, missing[:3])
         present = [sid for sid in wanted if sid in texts]
-        body_len = max_text_len - 2
-        ids = tokenizer([texts[s] for s in present], add_special_tokens=False)["input_ids"] if present else []
+        body_len = self.max_text_len - 2
+        ids = self.tokenizer([texts[s] for s in present], add_special_tokens=False)["input_ids"] if present else []
         self.sent_tokens: dict[int, np.ndarray] = {}
         for sid, toks in zip(present, ids):
             if not toks:
@@ -113,28 +124,34 @@ class PretrainCorpus:
                 continue
             self.sent_tokens[sid] = np.array([self.cls_id, *toks[:body_len], self.sep_id], dtype=np.int64)
 
-        # token -> phrase index (shifted by 1 for [CLS]; phrases cut by truncation keep their first pieces)
-        phrases = _read(paths["sentence_phrases"], ["sentence_id", "token_spans"], sids=set(self.sent_tokens))
+    def _phrase_tokens(self) -> None:
+        """token -> phrase index (shifted by 1 for [CLS]; phrases cut by truncation keep their first pieces)."""
+        body_len = self.max_text_len - 2
         self.token_phrase: dict[int, np.ndarray] = {}
-        for sid, spans in zip(phrases["sentence_id"], phrases["token_spans"]):
-            sid = int(sid)
+        for sid, row in self.layout.phrases.read_phrases(sorted(self.sent_tokens)).items():
             tp = np.full(len(self.sent_tokens[sid]), -1, dtype=np.int64)
-            for p, (start, end) in enumerate(spans or []):
+            for p, (start, end) in enumerate(row.token_spans):
                 start, end = max(int(start), 0), min(int(end), body_len)
                 if start < end:
                     tp[1 + start:1 + end] = p
             self.token_phrase[sid] = tp
 
-        # region-phrase matches per (image, sentence)
-        matches = _read(paths["matches"], ["image_id", "sentence_id", "region_phrase", "region_sim"],
-                        sids=set(self.sent_tokens))
+    def _region_matches(self, by_image: dict[str, list[tuple[int, int]]]) -> None:
+        """Region-phrase matches per (image, sentence); a retrieved pair without one is refused."""
         self.matches: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-        for image_id, sid, rp, rs in zip(matches["image_id"], matches["sentence_id"], matches["region_phrase"],
-                                         matches["region_sim"]):
-            self.matches[(str(image_id), int(sid))] = (np.asarray(rp or [], dtype=np.int64),
-                                                      np.clip(np.asarray(rs or [], dtype=np.float32), 0.0, 1.0))
+        for m in self.layout.phrases.iter_matches():
+            if m.sentence_id in self.sent_tokens:
+                self.matches[(m.image_id, m.sentence_id)] = (np.asarray(m.region_phrase, dtype=np.int64),
+                                                             np.clip(np.asarray(m.region_sim, np.float32), 0.0, 1.0))
+        lost = [(image, sid) for image, pairs in by_image.items() if self.store.num_regions(image) > 0
+                for _, sid in pairs if sid in self.sent_tokens and (image, sid) not in self.matches]
+        if lost:
+            total = sum(len(p) for p in by_image.values())
+            raise ConfigError(f"pre-training corpus: {self.layout.phrases.matches} has no row for {len(lost)} of "
+                              f"{total} retrieved pairs (e.g. image {lost[0][0]!r}, sentence {lost[0][1]}): the "
+                              "phrases and retrieval outputs disagree; rerun `muvla phrases` (or `muvla corpus`)")
 
-        # usable images
+    def _usable_images(self, by_image: dict[str, list[tuple[int, int]]]) -> None:
         self.image_ids: list[str] = []
         self.image_sentences: list[list[int]] = []
         self.num_regions: list[int] = []
@@ -146,23 +163,16 @@ class PretrainCorpus:
             if n == 0:
                 self.skipped["image_without_regions"] += 1
                 continue
-            sids = [sid for _, sid in sorted(pairs) if sid in self.sent_tokens]
+            sids = [sid for _, sid in pairs if sid in self.sent_tokens]
             if not sids:
                 self.skipped["image_without_usable_sentence"] += 1
                 continue
             self.image_ids.append(image_id)
             self.image_sentences.append(sids)
-            self.num_regions.append(min(n, max_regions))
-        retrieved = set(by_image)
-        self.skipped["image_not_retrieved"] += sum(1 for i in self.store.image_ids if i not in retrieved)
-        if not self.skipped["image_not_retrieved"]:
-            del self.skipped["image_not_retrieved"]
-
-        # ITM negative pool: every retrieved sentence; exclusions are the image's own top-K
-        self.pool = np.array(sorted({s for sids in self.image_sentences for s in sids}), dtype=np.int64)
-        self.pool_index = {int(s): i for i, s in enumerate(self.pool)}
-        self.max_k = max((len(s) for s in self.image_sentences), default=0)
-        self._tag_cache: dict[str, list[int]] = {}
+            self.num_regions.append(min(n, self.max_regions))
+        not_retrieved = sum(1 for i in self.store.image_ids if i not in by_image)
+        if not_retrieved:
+            self.skipped["image_not_retrieved"] += not_retrieved
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -170,8 +180,8 @@ class PretrainCorpus:
     def summary(self) -> dict[str, Any]:
         return {"images": len(self.image_ids), "sentences": len(self.sent_tokens), "negative_pool": len(self.pool),
                 "k": self.k, "max_k": self.max_k, "skipped": dict(sorted(self.skipped.items())),
-                "regions": str(self.regions_dir), "retrieval": str(self.retrieval_dir),
-                "phrases": str(self.phrases_dir)}
+                "regions": str(self.layout.regions.root), "retrieval": str(self.layout.retrieval.root),
+                "phrases": str(self.layout.phrases.root)}
 
     def regions(self, i: int) -> ImageRegions:
         return self.store[self.image_ids[i]]
@@ -195,45 +205,13 @@ class PretrainCorpus:
         return np.array(ids, dtype=np.int64), np.array(owner, dtype=np.int64)
 
     def match(self, image_id: str, sid: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(region_phrase [n], region_sim [n]) of a pair; no row or a length mismatch -> -1 / 0 (counted)."""
-        found = self.matches.get((image_id, sid))
+        """(region_phrase [n], region_sim [n]) of a pair (every usable pair has a match row)."""
+        rp, rs = self.matches[(image_id, sid)]
         phrase = np.full(n, -1, dtype=np.int64)
         sim = np.zeros(n, dtype=np.float32)
-        if found is None:
-            self.skipped["pair_without_match_row"] += 1
-            return phrase, sim
-        rp, rs = found
         m = min(n, len(rp), len(rs))
         phrase[:m], sim[:m] = rp[:m], rs[:m]
         return phrase, sim
-
-
-def _read(path: Path, columns: list[str], sids: set[int] | None = None) -> dict[str, list]:
-    """Read parquet columns, optionally keeping rows whose sentence_id is in ``sids``."""
-    table = pq.read_table(path)
-    absent = [c for c in columns if c not in table.column_names]
-    if absent:
-        raise ValueError(f"{path}: missing column(s) {absent} (see docs/DESIGN.md)")
-    table = table.select(columns)
-    if sids is not None:
-        mask = pc.is_in(table.column("sentence_id"), value_set=pa.array(sorted(sids), type=pa.int64()))
-        table = table.filter(mask)
-    return table.to_pydict()
-
-
-def _sentence_texts(path: Path, wanted: set[int]) -> dict[int, str]:
-    """Texts of the wanted sentence ids, read in row batches so a huge text store is never all in memory."""
-    out: dict[int, str] = {}
-    if not wanted:
-        return out
-    value_set = pa.array(sorted(wanted), type=pa.int64())
-    f = pq.ParquetFile(path)
-    for batch in f.iter_batches(columns=["sentence_id", "text"], batch_size=65536):
-        table = pa.Table.from_batches([batch])
-        table = table.filter(pc.is_in(table.column("sentence_id"), value_set=value_set))
-        for sid, text in zip(table.column("sentence_id").to_pylist(), table.column("text").to_pylist()):
-            out[int(sid)] = str(text)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

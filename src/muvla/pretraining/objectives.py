@@ -51,7 +51,7 @@ from muvla.pretraining.data import PretrainBatch
 from muvla.training import StepOutput
 
 TASKS = ("rt", "rn", "is")
-MODES = ("muvla", "round_robin")
+TRAINING_MODES = ("muvla", "round_robin")
 ITM_WEIGHTS = ("per_sample", "batch_mean")
 
 
@@ -103,8 +103,8 @@ class PretrainObjectives(nn.Module):
         unknown = [t for t in tasks if t not in TASKS]
         if unknown or not tasks:
             raise ValueError(f"tasks must be a non-empty subset of {list(TASKS)}, got {list(tasks)}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in TRAINING_MODES:
+            raise ValueError(f"mode must be one of {TRAINING_MODES}, got {mode!r}")
         if itm_weight not in ITM_WEIGHTS:
             raise ValueError(f"itm_weight must be one of {ITM_WEIGHTS}, got {itm_weight!r}")
         if warmup_epochs < 0:

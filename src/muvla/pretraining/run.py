@@ -16,61 +16,69 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from muvla.corpus.layout import CorpusLayout
 from muvla.model import Model, ModelConfig
-from muvla.pretraining.objectives import ITM_WEIGHTS, TASKS
+from muvla.pretraining.objectives import ITM_WEIGHTS, TASKS, TRAINING_MODES
 from muvla.training import TrainConfig, Trainer, TrainerSettings
 from muvla.training.distributed import barrier, init_distributed
-from muvla.utils.config import ConfigError, save_config, to_dict
+from muvla.utils.config import ConfigError, check_choices, save_config, setting, to_dict
 from muvla.utils.shards import atomic_file
 
 logger = logging.getLogger(__name__)
 
-PRETRAIN_MODES = ("muvla", "round_robin", "base")
+PRETRAIN_MODES = (*TRAINING_MODES, "base")  # base: no V+L pre-training, the initialised model
 
 
 @dataclass
 class PretrainConfig(TrainerSettings):
     """Pre-training run; the trainer's settings are inherited flat, so the CLI has one flag per setting."""
 
-    out: Path
-    corpus: Path | None = None  # corpus folder (regions/, text/, retrieval/, phrases/); not needed for base
-    init: str = "default"  # HF BERT folder or cached name, 'default' (bundled MiniLM-L6-H384) or 'random'
-    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides (sizes for init=random)
-    tokenizer: str | None = None  # WordPiece tokenizer folder; None = the init folder (random: 'default')
-    mode: str = "muvla"  # muvla | round_robin | base
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # subset of rt, rn, is
-    k: int | None = None  # use only the first k retrieved sentences per image (None = all)
-    warmup_epochs: int = 1  # m: epochs with the plain loss sum before the curriculum
-    itm_weight: str = "per_sample"  # per_sample | batch_mean (the reference code's effective weight)
-    mask_prob: float = 0.15
-    max_text_len: int = 36  # tokens incl. [CLS]/[SEP]; also the tag-sequence limit
-    max_regions: int = 50
-    retrieval: Path | None = None  # override <corpus>/retrieval (baseline pairings from `muvla pairs`)
-    phrases: Path | None = None  # override <corpus>/phrases
+    out: Path = setting(help="run folder: model/, metrics.jsonl, checkpoints/, training_curves.png")
+    corpus: Path | None = setting(None, help="corpus folder (regions/, text/, retrieval/, phrases/); not needed "
+                                            "for mode base")
+    init: str = setting("default", help="HuggingFace BERT folder or cached name, 'default' (the bundled "
+                                        "MiniLM-L6-H384) or 'random'")
+    model: dict[str, Any] = setting(default_factory=dict,
+                                    help="ModelConfig overrides, e.g. --set model.hidden_size=64 (init random)")
+    tokenizer: str | None = setting(None, help="WordPiece tokenizer folder (default: the init folder's)")
+    mode: str = setting("muvla", choices=PRETRAIN_MODES,
+                        help="muvla: the three granularities + curriculum; round_robin: U-VisualBERT; "
+                             "base: save the initialised model only")
+    tasks: list[str] = setting(default_factory=lambda: list(TASKS), choices=TASKS,
+                               help="granularities trained together (rt region-tag, rn region-phrase, "
+                                    "is image-sentence)")
+    k: int | None = setting(None, help="use only the first k retrieved sentences per image (default: all the "
+                                       "corpus retrieved)")
+    warmup_epochs: int = setting(1, help="m: epochs with the plain loss sum before the ITM-weighted curriculum")
+    itm_weight: str = setting("per_sample", choices=ITM_WEIGHTS,
+                              help="per_sample (METHOD) or batch_mean (what the reference code effectively did)")
+    mask_prob: float = setting(0.15, help="masking probability of tokens and regions")
+    max_text_len: int = setting(36, help="tokens incl. [CLS]/[SEP]; also the tag-sequence limit")
+    max_regions: int = setting(50, help="regions per image fed to the model (the first ones)")
+    retrieval: Path | None = setting(None, help="use this retrieval (or `muvla pairs`) folder instead of "
+                                                "<corpus>/retrieval")
+    phrases: Path | None = setting(None, help="use this phrases folder instead of <corpus>/phrases")
+
     def validate(self) -> None:
-        if self.mode not in PRETRAIN_MODES:
-            raise ConfigError(f"pretrain: mode must be one of {PRETRAIN_MODES}, got {self.mode!r}")
+        check_choices(self, "pretrain")
         if self.mode != "base" and self.corpus is None:
             raise ConfigError(f"pretrain: mode {self.mode!r} needs --corpus (a folder built by `muvla corpus`)")
         if self.corpus is not None and not Path(self.corpus).is_dir():
             raise ConfigError(f"pretrain: corpus folder {self.corpus} does not exist")
-        bad = [t for t in self.tasks if t not in TASKS]
-        if bad or not self.tasks:
-            raise ConfigError(f"pretrain: tasks must be a non-empty subset of {list(TASKS)}, got {self.tasks}")
+        if not self.tasks:
+            raise ConfigError(f"pretrain: tasks must be a non-empty subset of {list(TASKS)}")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"pretrain: tasks has duplicates: {self.tasks}")
         if self.k is not None and self.k < 1:
             raise ConfigError(f"pretrain: k must be >= 1 (or null for all retrieved sentences), got {self.k}")
         if self.warmup_epochs < 0:
             raise ConfigError(f"pretrain: warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if self.itm_weight not in ITM_WEIGHTS:
-            raise ConfigError(f"pretrain: itm_weight must be one of {ITM_WEIGHTS}, got {self.itm_weight!r}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ConfigError(f"pretrain: mask_prob must be in (0, 1), got {self.mask_prob}")
         if self.max_text_len < 3:
@@ -100,9 +108,7 @@ def build_model(cfg: PretrainConfig, feature_dim: int | None, num_classes: int |
     torch.manual_seed(cfg.seed)
     if cfg.init == "random":
         return Model(ModelConfig(**overrides))
-    dim = overrides.pop("region_feature_dim", 1280)
-    classes = overrides.pop("num_region_classes", 1000)
-    return Model.from_bert(cfg.init, region_feature_dim=dim, num_region_classes=classes, **overrides)
+    return Model.from_bert(cfg.init, **overrides)
 
 
 def load_tokenizer(cfg: PretrainConfig, model: Model) -> Any:
@@ -120,6 +126,14 @@ def _num_classes(store: Any) -> int | None:
     return len(store.classes) if store.classes else None
 
 
+def check_corpus(cfg: PretrainConfig, layout: CorpusLayout) -> None:
+    """Refuse (one line) a corpus whose parts disagree, or a ``k`` the corpus cannot give."""
+    check = layout.verify()
+    if cfg.k is not None and cfg.k > check.k:
+        raise ConfigError(f"pretrain: k={cfg.k} but the corpus's {check.pairing} stage gave K={check.k} sentences "
+                          f"per image ({layout.retrieval.root}); rebuild it with --k {cfg.k} or use k <= {check.k}")
+
+
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Train (or, for mode=base, just initialise) and save ``<out>/model``; returns the summary."""
     cfg.validate()
@@ -127,12 +141,12 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     dist = init_distributed(cfg.device)
     model_dir = out / "model"
 
-    corpus = None
     feature_dim = num_classes = None
+    layout = None
     if cfg.corpus is not None:
-        from muvla.corpus.regions import RegionStore
-
-        store = RegionStore(Path(cfg.corpus) / "regions")
+        layout = CorpusLayout.at(cfg.corpus, cfg.retrieval, cfg.phrases)
+        check_corpus(cfg, layout)
+        store = layout.regions.store()
         feature_dim, num_classes = store.feature_dim, _num_classes(store)
     model = build_model(cfg, feature_dim, num_classes)
     tokenizer = load_tokenizer(cfg, model)
@@ -152,8 +166,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     from muvla.pretraining.data import PretrainCollator, PretrainCorpus, PretrainDataset
     from muvla.pretraining.objectives import PretrainObjectives
 
-    corpus = PretrainCorpus(cfg.corpus, tokenizer, cfg.max_text_len, cfg.max_regions, cfg.k,
-                            retrieval_dir=cfg.retrieval, phrases_dir=cfg.phrases)
+    corpus = PretrainCorpus(layout, tokenizer, cfg.max_text_len, cfg.max_regions, cfg.k)
     dataset = PretrainDataset(corpus)
     collate = PretrainCollator(corpus, cfg.mask_prob, neg_fraction=0.0 if cfg.mode == "round_robin" else 0.5)
     objectives = PretrainObjectives(model, cfg.tasks, cfg.mode, cfg.warmup_epochs, cfg.itm_weight)

@@ -7,16 +7,14 @@ else the ImageNet-classifier fallback (``detector``) with one warning line sayin
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 from muvla.regions.detector import CropFeaturizer
 from muvla.regions.object_regions import ObjectDetectorBackend, RegionSelection
 from muvla.regions.tags import load_tag_words
 from muvla.regions.weights import FETCH_HINT, WeightsError, find_centernet, model_dir
 from muvla.utils.config import ConfigError
-
-if TYPE_CHECKING:
-    from muvla.regions.stage import RegionsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +30,23 @@ def resolve_auto_backend() -> str:
     return "detector"
 
 
-def build_detector_backend(cfg: RegionsConfig, featurizer: CropFeaturizer) -> ObjectDetectorBackend:
+class DetectorSettings(Protocol):
+    """The regions settings these backends read (a Protocol: the stage imports this module, not the reverse)."""
+
+    backend: str
+    images: Path | None
+    max_regions: int
+    nms_iou: float
+    min_score: float
+    detector_weights: Path | None
+    detector_model: str | None
+    vocabulary: Path | None
+    tag_words: Path | None
+    detector_batch_size: int
+    device: str
+
+
+def build_detector_backend(cfg: DetectorSettings, featurizer: CropFeaturizer) -> ObjectDetectorBackend:
     """The ``centernet`` or ``transformers`` backend; a bad weight file or model is one ConfigError line."""
     selection = RegionSelection(min_score=cfg.min_score, max_regions=cfg.max_regions, nms_iou=cfg.nms_iou)
     try:

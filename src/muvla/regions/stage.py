@@ -9,8 +9,8 @@ last one to finish), so outputs never depend on the number of processes or on in
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +18,16 @@ from pathlib import Path
 
 import torch
 
+from muvla.corpus.layout import RegionsOutput
+from muvla.corpus.provenance import (
+    BuildRecord,
+    StageRun,
+    digest_file,
+    digest_json,
+    finish_output,
+    prepare_output,
+    reused_summary,
+)
 from muvla.corpus.regions import ImageRegions, RegionPartWriter, merge_region_parts, read_rejected
 from muvla.regions.detector import (
     ButdBackend,
@@ -30,53 +40,59 @@ from muvla.regions.detector import (
 from muvla.regions.images import RejectedImage
 from muvla.regions.object_regions import ObjectDetectorBackend
 from muvla.regions.proposals import ProposalConfig
-from muvla.utils.config import ConfigError, save_config
+from muvla.utils.config import ConfigError, check_choices, output_settings, save_config, setting
 from muvla.utils.progress import progress
-from muvla.utils.shards import atomic_dir, atomic_file, clean_stale_tmp, resolve_shard, unit_name, unit_ranges
+from muvla.utils.shards import UnitPlan, atomic_file, clean_stale_tmp, unit_ranges
 
 BACKENDS = ("detector", "coco-instances", "vinvl-tsv", "butd-tsv", "centernet", "transformers", "auto")
 IMAGE_BACKENDS = ("detector", "coco-instances", "centernet", "transformers", "auto")
-# Fields that only change speed or who does the work; all others change the outputs.
-_RUNTIME_FIELDS = ("batch_size", "shard", "num_shards", "progress", "num_threads", "detector_batch_size", "device")
+INPUT_FIELDS = ("images", "coco_instances", "vinvl_features", "vinvl_predictions", "butd_tsv", "weights",
+                "vocabulary", "tag_words")
 
 
-@dataclass
-class RegionsConfig:
-    """Regions stage settings (see DESIGN.md "regions")."""
+@dataclass(kw_only=True)
+class RegionsSettings:
+    """What the regions stage computes and from which inputs (see docs/DESIGN.md "regions")."""
 
-    out: Path
-    backend: str = "detector"
-    images: Path | None = None
-    coco_instances: Path | None = None
-    vinvl_features: Path | None = None
-    vinvl_predictions: Path | None = None
-    butd_tsv: Path | None = None
-    max_regions: int = 36
-    nms_iou: float = 0.5
-    min_box_frac: float = 0.01
-    crop_size: int | None = None     # crop side for region features (None: 224, or 128 for centernet/transformers)
-    batch_size: int = 32
-    unit_size: int = 64
-    store_class_probs: bool = False
-    shard: int | None = None
-    num_shards: int | None = None
-    proposal_max_side: int = 128
-    proposal_scales: tuple[float, ...] = (400.0, 150.0, 50.0)
-    max_proposals: int = 48
-    weights: Path | None = None
-    min_score: float = 0.15          # centernet/transformers: detections scored below this are not stored
-    detector_weights: Path | None = None  # centernet: folder with centernet.json/.bin (None = verified cache)
-    detector_model: str | None = None     # transformers: HF hub name or local folder of a detector
-    vocabulary: Path | None = None   # transformers zero-shot: class names, one per line (None = shipped VG-size list)
-    tag_words: Path | None = None    # JSON {class name: caption word} (None = shipped COCO table)
-    detector_batch_size: int = 4     # images per detector call (their crops share backbone batches)
-    device: str = "auto"             # transformers: auto (GPU when present) | cpu | cuda[:i]
-    num_threads: int | None = None    # torch CPU threads for this run (None = torch default)
-    progress: bool = True
+    backend: str = setting("detector", choices=BACKENDS,
+                           help="detector: offline proposals + ImageNet tags; centernet: offline COCO-80 detector "
+                                "(fetched weights); transformers: any HuggingFace detector; auto: centernet when "
+                                "its weights are cached, else detector; coco-instances: ground-truth COCO "
+                                "boxes (oracle); vinvl-tsv / butd-tsv: precomputed detector features")
+    images: Path | None = setting(None, help="folder of image files (detector and coco-instances backends)")
+    coco_instances: Path | None = setting(None, help="COCO instances JSON (coco-instances backend)")
+    vinvl_features: Path | None = setting(None, help="VinVL features.tsv (vinvl-tsv backend)")
+    vinvl_predictions: Path | None = setting(None, help="VinVL predictions.tsv (vinvl-tsv backend)")
+    butd_tsv: Path | None = setting(None, help="bottom-up-attention TSV (butd-tsv backend)")
+    max_regions: int = setting(36, help="regions kept per image (image backends: region 0 is the whole image)")
+    nms_iou: float = setting(0.5, help="IoU above which the detector drops the lower-scored of two boxes")
+    min_box_frac: float = setting(0.01, help="smallest proposal kept, as a fraction of the image area")
+    crop_size: int | None = setting(None, help="side of the square crop fed to the feature backbone, in pixels "
+                                               "(default: 224; 128 for centernet/transformers)")
+    unit_size: int = setting(64, help="inputs per work unit (one resumable part folder each)")
+    store_class_probs: bool = setting(False, help="also store each region's class distribution (detector backend)")
+    proposal_max_side: int = setting(128, help="longest image side when computing felzenszwalb proposals")
+    proposal_scales: tuple[float, ...] = setting((400.0, 150.0, 50.0),
+                                                 help="felzenszwalb scales of the proposals, coarse to fine")
+    max_proposals: int = setting(48, help="crops classified per image by the detector backend")
+    weights: Path | None = setting(None, help="EfficientNet-Lite0 weights file (default: the installed package's)")
+    min_score: float = setting(0.15, help="centernet/transformers: detections scored below this are not stored")
+    detector_weights: Path | None = setting(None, help="centernet: folder with centernet.json/.bin "
+                                                       "(default: the verified cache)")
+    detector_model: str | None = setting(None, help="transformers: HuggingFace hub name or local detector folder")
+    vocabulary: Path | None = setting(None, help="transformers zero-shot: class names, one per line "
+                                                 "(default: the shipped Visual Genome object list)")
+    tag_words: Path | None = setting(None, help="JSON {class name: caption word} (default: the shipped COCO table)")
+    detector_batch_size: int = setting(4, help="images per detector call (their crops share backbone batches)",
+                                       runtime=True)
+    device: str = setting("auto", help="transformers: auto (GPU when present), cpu or cuda[:i]", runtime=True)
+    batch_size: int = setting(32, help="crops per backbone forward pass", runtime=True)
+    num_threads: int | None = setting(None, help="torch CPU threads for this run (default: torch's choice)",
+                                      runtime=True)
+    progress: bool = setting(True, help="show a progress bar", runtime=True)
 
     def validate(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"regions backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        check_choices(self, "regions")
         needed = {
             "detector": ("images",),
             "coco-instances": ("images", "coco_instances"),
@@ -88,7 +104,7 @@ class RegionsConfig:
         }[self.backend]
         for name in needed:
             if getattr(self, name) is None:
-                raise ConfigError(f"regions backend {self.backend!r} needs {name!r}")
+                raise ConfigError(f"regions backend {self.backend!r} needs --{name.replace('_', '-')}")
         if self.max_regions < 1:
             raise ConfigError(f"max_regions must be >= 1, got {self.max_regions}")
         if self.backend in IMAGE_BACKENDS and self.max_regions < 2:
@@ -117,14 +133,33 @@ class RegionsConfig:
             raise ConfigError(f"proposal_scales must be positive numbers, got {self.proposal_scales}")
         if self.max_proposals < self.max_regions and self.backend == "detector":
             raise ConfigError(f"max_proposals ({self.max_proposals}) must be >= max_regions ({self.max_regions})")
-        try:
-            resolve_shard(self.shard, self.num_shards)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+
+    def check_inputs(self) -> None:
+        """The input files and folders exist (cheap; run before any work)."""
+        for name in ("images",):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_dir():
+                raise ConfigError(f"regions: image folder not found: {path}")
+        for name in ("coco_instances", "vinvl_features", "vinvl_predictions", "butd_tsv", "weights", "vocabulary",
+                     "tag_words"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"regions: {name.replace('_', ' ')} file not found: {path}")
 
     def proposal_config(self) -> ProposalConfig:
         return ProposalConfig(max_side=self.proposal_max_side, scales=tuple(self.proposal_scales),
                               min_box_frac=self.min_box_frac, max_proposals=self.max_proposals)
+
+
+@dataclass
+class RegionsConfig(RegionsSettings, StageRun):
+    """``muvla regions``: the settings plus where the region store goes."""
+
+    out: Path = setting(help="output folder: the region store (index.parquet, parts/, classes.json)")
+
+    def validate(self) -> None:
+        super().validate()
+        self.shard_spec()
 
 
 RegionBackend = DetectorBackend | CocoInstancesBackend | VinVLBackend | ButdBackend | ObjectDetectorBackend
@@ -160,32 +195,15 @@ def build_backend(cfg: RegionsConfig) -> RegionBackend:
     return ButdBackend(cfg.butd_tsv, max_regions=cfg.max_regions)
 
 
-def _output_settings(cfg: RegionsConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    for key in _RUNTIME_FIELDS:
-        d.pop(key, None)
-    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
-
-
-def _check_same_settings(cfg: RegionsConfig, out: Path, items: list[InputItem]) -> None:
-    """Refuse to mix parts computed with different settings or a different input list in one folder.
-
-    Parts are positional (unit i = inputs [i*U, (i+1)*U)), so an added or removed image would
-    silently shift every later part: the listing's hash is part of the settings.
-    """
-    path = out / "regions_settings.json"
-    listing = "\n".join(f"{it.image_id}\t{it.file}\t{it.reject or ''}" for it in items)
-    current = {**_output_settings(cfg), "num_inputs": len(items),
-               "inputs_sha1": hashlib.sha1(listing.encode("utf-8")).hexdigest()}
-    if path.exists():
-        previous = json.loads(path.read_text(encoding="utf-8"))
-        diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-        if diff:
-            raise ConfigError(f"{out} holds regions computed with different settings or inputs ({diff}); "
-                              "use another --out or delete the folder")
-        return
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(current, indent=1, sort_keys=True), encoding="utf-8")
+def input_digests(cfg: RegionsSettings, items: list[InputItem]) -> dict[str, str]:
+    """Digests of what the regions are computed from: the input listing (parts are positional, so an
+    added or removed image would shift every later part) and every input file."""
+    inputs = {"listing": digest_json([[it.image_id, it.file, it.reject or ""] for it in items])}
+    for name in INPUT_FIELDS:
+        path = getattr(cfg, name)
+        if path is not None and Path(path).is_file():
+            inputs[name] = digest_file(Path(path))
+    return inputs
 
 
 def _process_unit(backend: RegionBackend, items: list[InputItem], cfg: RegionsConfig, folder: Path,
@@ -263,9 +281,9 @@ def run_regions(cfg: RegionsConfig) -> dict:
 
 
 def _run(cfg: RegionsConfig) -> dict:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    shard = resolve_shard(cfg.shard, cfg.num_shards)
+    output = RegionsOutput(Path(cfg.out))
+    shard = cfg.shard_spec()
+    cfg.check_inputs()
     if cfg.backend == "auto":  # record the backend actually used, so parts of two backends never mix
         from muvla.regions.detectors import resolve_auto_backend
 
@@ -274,15 +292,28 @@ def _run(cfg: RegionsConfig) -> dict:
     items = backend.list_inputs()
     if not items:
         raise ConfigError(f"no inputs found for regions backend {cfg.backend!r} (nothing to do)")
-    _check_same_settings(cfg, out, items)
+    record = BuildRecord("regions", output_settings(cfg, exclude=INPUT_FIELDS), input_digests(cfg, items))
+
+    def clear(_old: BuildRecord | None) -> None:
+        for path in (output.parts, output.index, output.classes, output.rejected, output.root / "summary.json"):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+    start = prepare_output(output.root, record, overwrite=cfg.overwrite, is_main=shard.is_main, clear=clear,
+                           outputs=output.outputs(), work=[output.parts],
+                           redo_on_input_change=False)
+    if start.status == "reuse":
+        return reused_summary(output.root)
     units = unit_ranges(len(items), cfg.unit_size)
-    parts_dir = out / "parts"
-    parts_dir.mkdir(exist_ok=True)
+    plan = UnitPlan(output.parts, "part", len(units), shard)
+    output.parts.mkdir(parents=True, exist_ok=True)
     if shard.world == 1:  # with several shards another process may be writing its temporary part now
-        clean_stale_tmp(parts_dir)
-    todo = [u for u in range(len(units)) if shard.owns(u) and not (parts_dir / unit_name(u)).exists()]
+        clean_stale_tmp(output.parts)
+    todo = plan.todo()
     n_todo = sum(units[u][1] - units[u][0] for u in todo)
-    bar = progress(range(n_todo), desc=f"regions [{backend.name}]", total=n_todo,
+    bar = progress(range(n_todo), desc=f"detect regions [{backend.name}]", total=n_todo,
                    enabled=cfg.progress, unit="img")
     ticks = iter(bar)
 
@@ -290,30 +321,36 @@ def _run(cfg: RegionsConfig) -> dict:
         next(ticks, None)
 
     for u in todo:
-        start, stop = units[u]
-        with atomic_dir(parts_dir / unit_name(u)) as tmp:
-            _process_unit(backend, items[start:stop], cfg, tmp, tick)
+        start_i, stop_i = units[u]
+        with plan.write(u) as tmp:
+            _process_unit(backend, items[start_i:stop_i], cfg, tmp, tick)
     next(ticks, None)  # let the bar close
 
-    with atomic_file(out / "classes.json") as tmp:
-        tmp.write_text(json.dumps({"names": list(backend.classes)}, ensure_ascii=False), encoding="utf-8")
-    inputs = {"images": cfg.images, "coco_instances": cfg.coco_instances, "vinvl_features": cfg.vinvl_features,
-              "vinvl_predictions": cfg.vinvl_predictions, "butd_tsv": cfg.butd_tsv, "num_inputs": len(items)}
-    save_config(cfg, out, inputs={k: v for k, v in inputs.items() if v is not None})
-
-    missing = [unit_name(u) for u in range(len(units)) if not (parts_dir / unit_name(u)).exists()]
-    if missing:
-        summary = {"stage": "regions", "backend": backend.name, "merged": False,
-                   "reason": f"{len(missing)} of {len(units)} parts not yet written by other shards",
-                   "missing_parts": missing, "shard": shard.rank, "num_shards": shard.world,
-                   "parts_written_now": len(todo), "images_seen": len(items)}
-        path = out / f"summary.shard-{shard.rank}-of-{shard.world}.json"
-        with atomic_file(path) as tmp:
+    if not plan.complete():
+        summary = {**plan.waiting("regions"), "backend": backend.name, "merged": False, "shard": shard.rank,
+                   "num_shards": shard.world, "parts_written_now": len(todo), "images_seen": len(items)}
+        with atomic_file(output.root / f"summary.shard-{shard.rank}-of-{shard.world}.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
         return summary
-    stats = merge_region_parts(out)
-    summary = _merged_summary(out, len(items), len(units), stats, backend.name)
+    output.write_classes(backend.classes)
+    stats = merge_region_parts(output.root)
+    summary = _merged_summary(output.root, len(items), len(units), stats, backend.name)
     summary["parts_written_now"] = len(todo)
-    with atomic_file(out / "summary.json") as tmp:
+    save_config(cfg, output.root, inputs={k: getattr(cfg, k) for k in INPUT_FIELDS if getattr(cfg, k) is not None})
+    with atomic_file(output.root / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    finish_output(output.root, record, output.outputs())
     return summary
+
+
+def describe(summary: dict) -> list[str]:
+    """The few lines ``muvla regions`` prints at the end (details in summary.json)."""
+    if summary.get("status") == "waiting_for_shards":
+        return [f"regions: this shard is done; {summary['note']}"]
+    lines = [f"regions [{summary.get('backend')}]: {summary.get('images_written')} images, "
+             f"{summary.get('mean_regions_per_image')} regions per image"
+             + (" (reused: already built)" if summary.get("reused") else "")]
+    if summary.get("rejected"):
+        lines.append(f"  {summary['rejected']} input(s) rejected: {summary.get('rejected_by_reason')} "
+                     "(see rejected.jsonl)")
+    return lines

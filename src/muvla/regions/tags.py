@@ -22,8 +22,6 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from muvla.retrieval.queries import IRREGULAR_PLURALS, UNCHANGED_PLURALS, pluralise
-
 # The 80 COCO detection classes in the contiguous order detectors trained on COCO output them.
 COCO80_NAMES: tuple[str, ...] = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -88,6 +86,28 @@ COCO_CAPTION_WORDS: dict[str, str] = {
 }
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+# Enough English plural rules to count "dogs" as "dog" (the regions stage may not import the retrieval stage).
+IRREGULAR_PLURALS = {"person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
+                     "foot": "feet", "tooth": "teeth", "goose": "geese", "knife": "knives", "leaf": "leaves",
+                     "shelf": "shelves", "wolf": "wolves", "scarf": "scarves", "calf": "calves"}
+UNCHANGED_PLURALS = {"sheep", "deer", "fish", "moose", "aircraft", "glasses", "jeans", "pants", "shorts",
+                     "scissors", "people", "police", "clothes", "skis", "sunglasses", "eyeglasses"}
+
+
+def pluralise(noun: str) -> str:
+    """English plural of the last word ("tennis racket" -> "tennis rackets")."""
+    head, _, last = noun.rpartition(" ")
+    if last in UNCHANGED_PLURALS:
+        plural = last
+    elif last in IRREGULAR_PLURALS:
+        plural = IRREGULAR_PLURALS[last]
+    elif last.endswith(("s", "x", "z", "ch", "sh")):
+        plural = last + "es"
+    elif len(last) > 1 and last.endswith("y") and last[-2] not in "aeiou":
+        plural = last[:-1] + "ies"
+    else:
+        plural = last + "s"
+    return f"{head} {plural}" if head else plural
 
 
 def clean_name(name: str) -> str:
@@ -97,13 +117,16 @@ def clean_name(name: str) -> str:
     return " ".join(text.split())
 
 
+_SINGULARS = {plural: single for single, plural in IRREGULAR_PLURALS.items()}
+
+
 def singularise(noun: str) -> str:
     """Inverse of ``pluralise`` for the last word ("tennis rackets" -> "tennis racket"); unknown forms stay."""
     head, _, last = noun.rpartition(" ")
     if last in UNCHANGED_PLURALS or len(last) < 4:
         single = last
-    elif last in {p: s for s, p in IRREGULAR_PLURALS.items()}:
-        single = {p: s for s, p in IRREGULAR_PLURALS.items()}[last]
+    elif last in _SINGULARS:
+        single = _SINGULARS[last]
     elif last.endswith("ies"):
         single = last[:-3] + "y"
     elif last.endswith(("ches", "shes", "sses", "xes", "zes")):

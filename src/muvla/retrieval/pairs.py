@@ -19,31 +19,44 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from muvla.utils.config import ConfigError, save_config
+from muvla.corpus.layout import RegionsOutput, RetrievalOutput, TextOutput, TopK
+from muvla.corpus.provenance import (
+    BuildRecord,
+    OutputPolicy,
+    digest_file,
+    finish_output,
+    prepare_output,
+    reused_summary,
+)
+from muvla.retrieval.stage import DEFAULT_K
+from muvla.utils.config import ConfigError, check_choices, output_settings, save_config, setting
 from muvla.utils.shards import atomic_file
 
 PAIRING_MODES = ("random", "aligned", "aligned_ratio")
 
 
 @dataclass
-class PairsConfig:
-    out: Path
-    regions: Path
-    text: Path
-    mode: str = "random"
-    captions: Path | None = None  # COCO captions JSON (aligned, aligned_ratio)
-    p: float = 1.0  # aligned_ratio: fraction of images paired with their own captions
-    k: int = 5
-    seed: int = 0
+class PairsConfig(OutputPolicy):
+    """``muvla pairs``: a baseline pairing written in the retrieval stage's format."""
+
+    out: Path = setting(help="output folder (topk.parquet in the retrieval format)")
+    regions: Path = setting(help="regions stage output folder")
+    text: Path = setting(help="text stage output folder; must contain the captions for aligned modes")
+    mode: str = setting("random", choices=PAIRING_MODES,
+                        help="random: K random sentences per image (joint unaligned); aligned: the image's own "
+                             "captions; aligned_ratio: a fraction p of the images get their captions")
+    captions: Path | None = setting(None, help="COCO captions JSON of the images (aligned, aligned_ratio)")
+    p: float = setting(1.0, help="aligned_ratio: fraction of images paired with their own captions")
+    k: int = setting(DEFAULT_K, help="sentences per image")
+    seed: int = setting(0, help="seed of the random pairings")
 
     def validate(self) -> None:
-        if self.mode not in PAIRING_MODES:
-            raise ConfigError(f"pairs: mode must be one of {PAIRING_MODES}, got {self.mode!r}")
+        check_choices(self, "pairs")
         if self.mode != "random" and self.captions is None:
             raise ConfigError(f"pairs: mode {self.mode!r} needs --captions (a COCO captions JSON)")
+        if self.captions is not None and not Path(self.captions).is_file():
+            raise ConfigError(f"pairs: captions file {self.captions} not found")
         if not 0.0 <= self.p <= 1.0:
             raise ConfigError(f"pairs: p must be in [0, 1], got {self.p}")
         if self.k < 1:
@@ -54,14 +67,22 @@ def _normalise(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def caption_sentence_ids(captions_json: Path, text_dir: Path) -> dict[str, list[int]]:
+def caption_sentence_ids(captions_json: Path, text: TextOutput) -> dict[str, list[int]]:
     """image id (file stem, as in the region store) -> sentence ids of its captions."""
-    table = pq.read_table(Path(text_dir) / "sentences.parquet", columns=["sentence_id", "text"]).to_pydict()
-    by_text = {_normalise(t): int(s) for s, t in zip(table["sentence_id"], table["text"])}
-    data = json.loads(Path(captions_json).read_text(encoding="utf-8"))
-    stems = {img["id"]: Path(img["file_name"]).stem for img in data.get("images", [])}
+    n = text.count()
+    by_text = {_normalise(t): sid for sid, t in text.texts(range(n)).items()}
+    try:
+        data = json.loads(Path(captions_json).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"pairs: {captions_json} is not a readable COCO captions JSON ({err})") from err
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise ConfigError(f"pairs: {captions_json} is not a COCO captions file (no 'annotations' list)")
+    stems = {img["id"]: Path(img["file_name"]).stem for img in data.get("images", [])
+             if isinstance(img, dict) and "id" in img and "file_name" in img}
     out: dict[str, list[int]] = {}
-    for ann in data.get("annotations", []):
+    for ann in data["annotations"]:
+        if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str) or "image_id" not in ann:
+            continue
         sid = by_text.get(_normalise(ann["caption"]))
         image = stems.get(ann["image_id"], str(ann["image_id"]))
         if sid is not None and sid not in out.setdefault(image, []):
@@ -71,11 +92,25 @@ def caption_sentence_ids(captions_json: Path, text_dir: Path) -> dict[str, list[
 
 def run_pairs(cfg: PairsConfig) -> dict:
     cfg.validate()
-    image_ids = pq.read_table(Path(cfg.regions) / "index.parquet", columns=["image_id"]).column("image_id").to_pylist()
-    n_sentences = pq.read_metadata(Path(cfg.text) / "sentences.parquet").num_rows
+    regions, text, output = RegionsOutput(Path(cfg.regions)), TextOutput(Path(cfg.text)), RetrievalOutput(Path(cfg.out))
+    inputs = {"regions": regions.digest(), "text": text.digest()}
+    if cfg.captions is not None:
+        inputs["captions"] = digest_file(Path(cfg.captions))
+    record = BuildRecord("pairs", output_settings(cfg, exclude=("out", "regions", "text", "captions")), inputs)
+
+    def clear(_old: BuildRecord | None) -> None:
+        for path in (output.topk, output.root / "summary.json"):
+            path.unlink(missing_ok=True)
+
+    start = prepare_output(output.root, record, overwrite=cfg.overwrite, is_main=True, clear=clear,
+                           outputs=output.outputs())
+    if start.status == "reuse":
+        return reused_summary(output.root)
+    image_ids, _ = regions.image_tags()
+    n_sentences = text.count()
     if n_sentences == 0:
-        raise ConfigError(f"pairs: {cfg.text} holds no sentences")
-    own = caption_sentence_ids(cfg.captions, cfg.text) if cfg.captions is not None else {}
+        raise ConfigError(f"pairs: {text.root} holds no sentences")
+    own = caption_sentence_ids(cfg.captions, text) if cfg.captions is not None else {}
     rng = np.random.default_rng(cfg.seed)
     aligned_images = set()
     if cfg.mode == "aligned":
@@ -84,7 +119,7 @@ def run_pairs(cfg: PairsConfig) -> dict:
         n_aligned = int(round(cfg.p * len(image_ids)))
         aligned_images = {image_ids[i] for i in rng.permutation(len(image_ids))[:n_aligned]}
 
-    rows: dict[str, list] = {"image_id": [], "rank": [], "sentence_id": [], "score": []}
+    rows_image, rows_rank, rows_sid = [], [], []
     no_caption: list[str] = []
     for image in image_ids:
         if image in aligned_images:
@@ -95,21 +130,26 @@ def run_pairs(cfg: PairsConfig) -> dict:
         else:
             chosen = rng.choice(n_sentences, size=min(cfg.k, n_sentences), replace=False).tolist()
         for rank, sid in enumerate(chosen):
-            rows["image_id"].append(image)
-            rows["rank"].append(rank)
-            rows["sentence_id"].append(int(sid))
-            rows["score"].append(float("nan"))
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out, inputs={"regions": cfg.regions, "text": cfg.text, "captions": cfg.captions})
-    with atomic_file(out / "topk.parquet") as tmp:
-        pq.write_table(pa.table({"image_id": pa.array(rows["image_id"], pa.string()),
-                                 "rank": pa.array(rows["rank"], pa.int32()),
-                                 "sentence_id": pa.array(rows["sentence_id"], pa.int64()),
-                                 "score": pa.array(rows["score"], pa.float32())}), tmp)
-    summary = {"stage": "pairs", "mode": cfg.mode, "p": cfg.p, "images": len(image_ids),
+            rows_image.append(image)
+            rows_rank.append(rank)
+            rows_sid.append(int(sid))
+    save_config(cfg, output.root, inputs={"regions": cfg.regions, "text": cfg.text, "captions": cfg.captions})
+    output.write_topk(TopK(rows_image, np.asarray(rows_rank, np.int32), np.asarray(rows_sid, np.int64),
+                           np.full(len(rows_sid), np.nan, np.float32)))
+    summary = {"stage": "pairs", "mode": cfg.mode, "p": cfg.p, "k": cfg.k, "images": len(image_ids),
                "aligned_images": len(aligned_images) - len(no_caption),
                "images_without_caption_skipped": len(no_caption), "examples": no_caption[:20],
-               "pairs": len(rows["image_id"])}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+               "pairs": len(rows_image)}
+    with atomic_file(output.root / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    finish_output(output.root, record, output.outputs())
     return summary
+
+
+def describe(summary: dict) -> list[str]:
+    """The few lines ``muvla pairs`` prints at the end (details in summary.json)."""
+    lines = [f"pairs [{summary['mode']}]: {summary['pairs']} pairs for {summary['images']} images"]
+    if summary.get("images_without_caption_skipped"):
+        lines.append(f"  {summary['images_without_caption_skipped']} image(s) had no caption in the text store "
+                     "and were skipped")
+    return lines

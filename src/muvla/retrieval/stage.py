@@ -19,89 +19,100 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from muvla import encoders
+from muvla.corpus.layout import RegionsOutput, RetrievalOutput, TextOutput, TopK
+from muvla.corpus.provenance import (
+    BuildRecord,
+    StageRun,
+    digest_file,
+    finish_output,
+    prepare_output,
+    reused_summary,
+)
 from muvla.retrieval.queries import QUERY_MODES, make_query
-from muvla.text.stage import read_sentences
-from muvla.utils.config import ConfigError, save_config
+from muvla.utils.config import ConfigError, check_choices, output_settings, save_config, setting
 from muvla.utils.progress import progress
-from muvla.utils.shards import atomic_file, clean_stale_tmp, resolve_shard, unit_name, unit_ranges
+from muvla.utils.shards import UnitPlan, atomic_file, clean_stale_tmp, unit_ranges
+
+DEFAULT_K = 5  # the paper's best K; the one default of "sentences per image" (pairs use it too)
+
+
+@dataclass(kw_only=True)
+class RetrievalSettings:
+    """How each image's query is made and searched (METHOD §2)."""
+
+    model: str = setting("default", help="Sentence-BERT: 'default' (bundled all-MiniLM-L6-v2), a local folder, "
+                                         "or a name in the local HuggingFace cache")
+    k: int = setting(DEFAULT_K, help="sentences retrieved per image (K)")
+    query_mode: str = setting("official", choices=QUERY_MODES,
+                              help="official: de-duplicated tags joined by spaces (the reference recipe); "
+                                   "counted: caption-like with counts ('two dogs, a frisbee')")
+    index: str = setting("Flat", help="faiss index-factory string (inner product on unit vectors): Flat = exact, "
+                                      "or e.g. IVF4096,Flat / HNSW32 / IVF4096,PQ32")
+    nprobe: int = setting(16, help="IVF indexes: lists searched per query")
+    train_size: int = setting(100_000, help="sentences sampled to train an index that needs training")
+    unit_size: int = setting(20_000, help="sentences per embedding unit (one resumable .npy part each)")
+    min_tag_score: float = setting(0.0, help="leave region tags scored below this out of the query (the best "
+                                             "tag always stays); 0 keeps all (the reference recipe)")
+    exclude_sentence_ids: Path | None = setting(None, help="text file, one sentence id per line, never retrieved "
+                                                           "(e.g. the images' own captions)")
+    encode_batch_size: int = setting(128, help="sentences per encoder batch", runtime=True)
+    query_batch_size: int = setting(500, help="queries encoded and searched per batch", runtime=True)
+    device: str = setting("cpu", help="device of the sentence encoder (cpu, cuda)", runtime=True)
+
+    def validate(self) -> None:
+        check_choices(self, "retrieval")
+        if self.k < 1:
+            raise ConfigError(f"retrieval.k must be >= 1, got {self.k}")
+        for name in ("nprobe", "train_size", "encode_batch_size", "unit_size", "query_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"retrieval.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.min_tag_score <= 1.0:
+            raise ConfigError(f"retrieval.min_tag_score must be in [0, 1], got {self.min_tag_score}")
+        if not self.index.strip():
+            raise ConfigError("retrieval.index must be a faiss index-factory string such as 'Flat'")
+        if self.exclude_sentence_ids is not None and not Path(self.exclude_sentence_ids).is_file():
+            raise ConfigError(f"retrieval: exclude_sentence_ids file {self.exclude_sentence_ids} not found")
 
 
 @dataclass
-class RetrievalConfig:
-    """Where to read regions/sentences, how to query and which index to build."""
+class RetrievalConfig(RetrievalSettings, StageRun):
+    """``muvla retrieve``: the settings plus the regions and text stage outputs to read."""
 
-    out: Path
-    regions: Path
-    text: Path
-    model: str = "default"  # Sentence-BERT: 'default' (bundled all-MiniLM-L6-v2), a folder, or a cached name
-    k: int = 5
-    query_mode: str = "official"  # "official" (reference objects_no_rep) or "counted"
-    index: str = "Flat"  # faiss index-factory string, always with inner product on unit vectors
-    nprobe: int = 16  # IVF indexes only
-    train_size: int = 100_000  # sentences sampled to train an index that needs training
-    encode_batch_size: int = 128
-    unit_size: int = 20_000
-    query_batch_size: int = 500
-    min_tag_score: float = 0.0  # leave region tags scored below this out of the query (the best tag always stays)
-    exclude_sentence_ids: Path | None = None  # text file, one sentence id per line (e.g. the images' own captions)
-    device: str = "cpu"
-    shard: int | None = None
-    num_shards: int | None = None
+    out: Path = setting(help="output folder (topk.parquet, queries.parquet, embeddings/, index.faiss)")
+    regions: Path = setting(help="regions stage output folder (a region store)")
+    text: Path = setting(help="text stage output folder (sentences.parquet)")
 
     def validate(self) -> None:
-        if self.k < 1:
-            raise ConfigError(f"retrieval: k must be >= 1, got {self.k}")
-        if self.query_mode not in QUERY_MODES:
-            raise ConfigError(f"retrieval: query_mode {self.query_mode!r} not in {QUERY_MODES}")
-        for name in ("nprobe", "train_size", "encode_batch_size", "unit_size", "query_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"retrieval: {name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.min_tag_score <= 1.0:
-            raise ConfigError(f"retrieval: min_tag_score must be in [0, 1], got {self.min_tag_score}")
-        if not self.index.strip():
-            raise ConfigError("retrieval: index must be a faiss index-factory string such as 'Flat'")
-        if not (Path(self.text) / "sentences.parquet").exists():
-            raise ConfigError(f"retrieval: {Path(self.text) / 'sentences.parquet'} not found (run the text stage)")
-        if not region_index_path(self.regions).exists():
-            raise ConfigError(f"retrieval: {region_index_path(self.regions)} not found (run the regions stage)")
-        if self.exclude_sentence_ids is not None and not Path(self.exclude_sentence_ids).is_file():
-            raise ConfigError(f"retrieval: exclude_sentence_ids file {self.exclude_sentence_ids} not found")
-        try:
-            resolve_shard(self.shard, self.num_shards)
-        except ValueError as err:
-            raise ConfigError(f"retrieval: {err}") from err
+        super().validate()
+        self.shard_spec()
+        if not TextOutput(Path(self.text)).sentences.exists():
+            raise ConfigError(f"retrieval: {TextOutput(Path(self.text)).sentences} not found (run the text stage)")
+        if not RegionsOutput(Path(self.regions)).index.exists():
+            raise ConfigError(f"retrieval: {RegionsOutput(Path(self.regions)).index} not found "
+                              "(run the regions stage)")
 
 
-def region_index_path(regions: Path) -> Path:
-    """The merged region index: ``<regions>/index.parquet`` (or the parquet file itself)."""
-    regions = Path(regions)
-    return regions if regions.suffix == ".parquet" else regions / "index.parquet"
+def confident_region_tags(regions: RegionsOutput, min_score: float) -> tuple[list[str], list[list[str]]]:
+    """(image ids, per-image tags) keeping only tags whose region score is >= ``min_score``.
 
-
-def confident_region_tags(regions: Path, min_score: float) -> tuple[list[str], list[list[str]]]:
-    """Like :func:`read_region_tags`, keeping only tags whose region score is >= ``min_score``.
-
-    WHY: a weak detector (our offline ImageNet-on-crops default) labels many crops with unrelated
-    classes; those tags pull the query away from the image. The best-scored tag always stays so no
-    image loses its query. ``min_score <= 0`` keeps every tag (the reference recipe).
+    WHY: a weak detector labels many regions with unrelated classes; those tags pull the query away
+    from the image. The best-scored tag always stays so no image loses its query. ``min_score <= 0``
+    keeps every tag (the reference recipe).
     """
     if min_score <= 0:
-        return read_region_tags(regions)
-    from muvla.corpus.regions import RegionStore
-
+        return regions.image_tags()
     ids: list[str] = []
     kept: list[list[str]] = []
-    for image in RegionStore(Path(regions)):
+    for image in regions.store():
         scores = np.asarray(image.scores, dtype=np.float32)
         keep = [t for t, sc in zip(image.tags, scores) if sc >= min_score and t]
         if not keep and len(scores):
@@ -109,18 +120,6 @@ def confident_region_tags(regions: Path, min_score: float) -> tuple[list[str], l
         ids.append(str(image.image_id))
         kept.append([t for t in keep if t])
     return ids, kept
-
-
-def read_region_tags(regions: Path) -> tuple[list[str], list[list[str]]]:
-    """(image ids, per-image region tags in region order) from the merged region index."""
-    path = region_index_path(regions)
-    names = pq.read_schema(path).names
-    if "image_id" not in names or "tags" not in names:
-        raise ConfigError(f"{path} lacks the image_id/tags columns of a merged region index (has {names})")
-    table = pq.read_table(path, columns=["image_id", "tags"])
-    ids = [str(i) for i in table.column("image_id").to_pylist()]
-    tags = [list(t or []) for t in table.column("tags").to_pylist()]
-    return ids, tags
 
 
 def read_exclusions(path: Path | None, n_sentences: int) -> np.ndarray:
@@ -142,43 +141,34 @@ def read_exclusions(path: Path | None, n_sentences: int) -> np.ndarray:
     return np.unique(np.asarray(ids, dtype=np.int64))
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+def embedding_meta(cfg: RetrievalSettings, n_sentences: int, text_digest: str) -> dict[str, Any]:
+    """What the sentence embedding units depend on (they are kept when only other inputs change)."""
+    return {"model": cfg.model, "unit_size": cfg.unit_size, "n_sentences": n_sentences, "text": text_digest}
 
 
-def _check_meta(path: Path, meta: dict[str, Any]) -> None:
-    """Refuse to mix parts encoded from another corpus/model/unit size into this run."""
-    if path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if old != meta:
-            raise ConfigError(
-                f"{path} records {old}, but this run has {meta}: the existing embeddings belong to "
-                "another corpus, model or unit size; use a fresh output folder or delete embeddings/"
-            )
-        return
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
-def encode_units(cfg: RetrievalConfig, texts: list[str], rank: int, world: int) -> dict[str, Any]:
-    """Encode this rank's missing units; returns counts and speed."""
-    emb_dir = Path(cfg.out) / "embeddings"
-    clean_stale_tmp(emb_dir)
-    ranges = unit_ranges(len(texts), cfg.unit_size)
-    todo = [u for u in range(len(ranges)) if u % world == rank and not (emb_dir / f"{unit_name(u)}.npy").exists()]
+def encode_units(cfg: RetrievalSettings, plan: UnitPlan, text: TextOutput, n: int) -> dict[str, Any]:
+    """Encode this process's missing embedding units; returns counts and speed."""
+    clean_stale_tmp(plan.folder)
+    ranges = unit_ranges(n, cfg.unit_size)
+    todo = plan.todo()
     encoded = 0
+    texts: list[str] = []
     if todo:
+        texts = text.all_texts()  # only when there is something to encode (waiting shards rerun often)
         encoders.load_sentence_encoder(cfg.model, cfg.device)  # load outside the timed loop
     t0 = time.time()
     for u in progress(todo, desc="encode sentences", unit="unit"):
         start, stop = ranges[u]
         emb = encoders.encode(texts[start:stop], batch_size=cfg.encode_batch_size, model=cfg.model,
                               device=cfg.device)
-        with atomic_file(emb_dir / f"{unit_name(u)}.npy") as tmp, open(tmp, "wb") as f:
+        with plan.write(u) as tmp, open(tmp, "wb") as f:
             np.save(f, emb.astype(np.float16))
         encoded += stop - start
     seconds = time.time() - t0
@@ -187,20 +177,13 @@ def encode_units(cfg: RetrievalConfig, texts: list[str], rank: int, world: int) 
             "encode_sentences_per_s": round(encoded / seconds, 1) if encoded and seconds > 0 else None}
 
 
-def missing_units(out: Path, n_sentences: int, unit_size: int) -> list[int]:
-    emb_dir = Path(out) / "embeddings"
-    n_units = len(unit_ranges(n_sentences, unit_size))
-    return [u for u in range(n_units) if not (emb_dir / f"{unit_name(u)}.npy").exists()]
-
-
-def load_embeddings(out: Path, n_sentences: int, unit_size: int) -> np.ndarray:
+def load_embeddings(plan: UnitPlan, n_sentences: int, unit_size: int) -> np.ndarray:
     """All unit parts concatenated as float32 [n, d] (unit i holds ids [i*U, (i+1)*U))."""
-    emb_dir = Path(out) / "embeddings"
     parts = []
     for u, (start, stop) in enumerate(unit_ranges(n_sentences, unit_size)):
-        arr = np.load(emb_dir / f"{unit_name(u)}.npy")
+        arr = np.load(plan.path(u))
         if arr.shape[0] != stop - start:
-            raise ValueError(f"{emb_dir / unit_name(u)}.npy has {arr.shape[0]} rows, expected {stop - start}")
+            raise ConfigError(f"{plan.path(u)} has {arr.shape[0]} rows, expected {stop - start}; delete it and rerun")
         parts.append(arr)
     return np.ascontiguousarray(np.concatenate(parts).astype(np.float32))
 
@@ -236,145 +219,185 @@ def set_search_params(index: Any, nprobe: int, k: int) -> None:
         hnsw.efSearch = max(hnsw.efSearch, 2 * k)
 
 
-def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
-    """Encode sentences (this rank's units), then on rank 0 build the index and retrieve top-K per image."""
+def _index_over(cfg: RetrievalSettings, output: RetrievalOutput, plan: UnitPlan, n: int, keep: np.ndarray,
+                meta: dict[str, Any]) -> tuple[Any, np.ndarray, bool]:
+    """The faiss index over the kept sentences (reused when its recorded recipe matches) and the
+    index position -> sentence id map."""
     import faiss
 
-    cfg.validate()
-    spec = resolve_shard(cfg.shard, cfg.num_shards)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale_tmp(out)
-    text_path = Path(cfg.text) / "sentences.parquet"
-    texts = read_sentences(cfg.text, columns=["text"]).column("text").to_pylist()
-    n = len(texts)
-    if n == 0:
-        raise ConfigError(f"retrieval: {text_path} holds no sentences")
-    text_digest = _file_digest(text_path)
-    _check_meta(out / "embeddings" / "meta.json",
-                {"model": cfg.model, "unit_size": cfg.unit_size, "n_sentences": n, "text_digest": text_digest})
-    if spec.is_main:
-        save_config(cfg, out, inputs={"regions_index": str(region_index_path(cfg.regions)),
-                                      "sentences": str(text_path), "text_digest": text_digest})
+    if output.index.exists() and output.index_ids.exists() and _read_json(output.index_meta) == meta:
+        return faiss.read_index(str(output.index)), np.load(output.index_ids), True
+    emb = load_embeddings(plan, n, cfg.unit_size)
+    index = build_index(emb[keep], cfg.index, cfg.train_size)
+    with atomic_file(output.index) as tmp:
+        faiss.write_index(index, str(tmp))
+    with atomic_file(output.index_ids) as tmp, open(tmp, "wb") as f:
+        np.save(f, keep)
+    with atomic_file(output.index_meta) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return index, keep, False
 
-    summary: dict[str, Any] = {"stage": "retrieval", "shard": spec.rank, "num_shards": spec.world,
-                               "sentences": n}
-    summary.update(encode_units(cfg, texts, spec.rank, spec.world))
-    if not spec.is_main:
-        summary["status"] = "encoded_shard"
-        with atomic_file(out / f"summary.rank-{spec.rank:05d}.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        return summary
-    missing = missing_units(out, n, cfg.unit_size)
-    if missing:
-        summary.update(status="waiting_for_shards", missing_units=missing,
-                       note="rerun rank 0 once every shard has finished encoding to build the index and query")
-        _write_summary(out, summary)
-        return summary
 
-    # Index over the non-excluded sentences; positions map back to sentence ids through index_ids.
-    excluded = read_exclusions(cfg.exclude_sentence_ids, n)
-    keep = np.setdiff1d(np.arange(n, dtype=np.int64), excluded)
-    if keep.size == 0:
-        raise ConfigError("retrieval: every sentence is excluded; nothing left to retrieve")
-    index_meta = {"index": cfg.index, "train_size": cfg.train_size, "model": cfg.model, "n_sentences": n,
-                  "text_digest": text_digest, "excluded_digest": hashlib.sha256(excluded.tobytes()).hexdigest()[:16]}
-    index_path, meta_path, ids_path = out / "index.faiss", out / "index.json", out / "index_ids.npy"
-    t0 = time.time()
-    if index_path.exists() and ids_path.exists() and meta_path.exists() and \
-            json.loads(meta_path.read_text(encoding="utf-8")) == index_meta:
-        index = faiss.read_index(str(index_path))
-        summary["index_reused"] = True
-    else:
-        emb = load_embeddings(out, n, cfg.unit_size)
-        index = build_index(emb[keep], cfg.index, cfg.train_size)
-        with atomic_file(index_path) as tmp:
-            faiss.write_index(index, str(tmp))
-        with atomic_file(ids_path) as tmp, open(tmp, "wb") as f:
-            np.save(f, keep)
-        with atomic_file(meta_path) as tmp:
-            tmp.write_text(json.dumps(index_meta, indent=2), encoding="utf-8")
-        summary["index_reused"] = False
-    summary["index_seconds"] = round(time.time() - t0, 3)
-    index_ids = np.load(ids_path)
-    set_search_params(index, cfg.nprobe, cfg.k)
+@dataclass
+class _Queries:
+    """One query per image with usable tags; identical strings are encoded and searched once."""
 
-    # Queries: one per image with usable tags; identical strings are encoded and searched once.
-    image_ids, image_tags = confident_region_tags(cfg.regions, cfg.min_tag_score)
-    queries: list[str] = []
-    query_images: list[str] = []
-    skipped: list[dict[str, str]] = []
+    image_ids: list[str]
+    texts: list[str]
+    skipped: list[dict[str, str]]
+
+    @property
+    def unique(self) -> list[str]:
+        return list(dict.fromkeys(self.texts))
+
+
+def _make_queries(image_ids: list[str], image_tags: list[list[str]], mode: str) -> _Queries:
+    queries = _Queries([], [], [])
     for image_id, tags in zip(image_ids, image_tags):
-        q = make_query(tags, cfg.query_mode)
+        q = make_query(tags, mode)
         if q:
-            queries.append(q)
-            query_images.append(image_id)
+            queries.image_ids.append(image_id)
+            queries.texts.append(q)
         else:
-            skipped.append({"image_id": image_id, "reason": "no region tags"})
-    unique = list(dict.fromkeys(queries))
-    k = min(cfg.k, int(keep.size))
-    encoders.load_sentence_encoder(cfg.model, cfg.device)  # load outside the timed loop
-    t0 = time.time()
+            queries.skipped.append({"image_id": image_id, "reason": "no region tags"})
+    return queries
+
+
+def _search(cfg: RetrievalSettings, index: Any, index_ids: np.ndarray, queries: _Queries, k: int) -> TopK:
+    """Top-k sentences of every image, in image order (an approximate index may return fewer)."""
+    unique = queries.unique
     labels = np.full((len(unique), k), -1, dtype=np.int64)
     scores = np.zeros((len(unique), k), dtype=np.float32)
     batches = range(0, len(unique), cfg.query_batch_size)
-    for start in progress(batches, desc="retrieve", total=len(batches), unit="batch"):
+    for start in progress(batches, desc="retrieve sentences", total=len(batches), unit="batch"):
         chunk = unique[start:start + cfg.query_batch_size]
         q_emb = encoders.encode(chunk, batch_size=cfg.encode_batch_size, model=cfg.model, device=cfg.device)
         d, i = index.search(q_emb, k)
         labels[start:start + len(chunk)] = i
         scores[start:start + len(chunk)] = d
-    query_seconds = time.time() - t0
-
     pos = {q: j for j, q in enumerate(unique)}
     rows_image, rows_rank, rows_sid, rows_score = [], [], [], []
-    short = 0
-    for image_id, q in zip(query_images, queries):
+    for image_id, q in zip(queries.image_ids, queries.texts):
         j = pos[q]
         found = 0
         for r in range(k):
-            label = int(labels[j, r])
-            if label < 0:  # an approximate index may return fewer than k hits
+            if labels[j, r] < 0:
                 continue
             rows_image.append(image_id)
             rows_rank.append(found)
-            rows_sid.append(int(index_ids[label]))
+            rows_sid.append(int(index_ids[labels[j, r]]))
             rows_score.append(float(scores[j, r]))
             found += 1
-        short += found < cfg.k
+    return TopK(rows_image, np.asarray(rows_rank, np.int32), np.asarray(rows_sid, np.int64),
+                np.asarray(rows_score, np.float32))
 
-    with atomic_file(out / "queries.parquet") as tmp:
-        pq.write_table(pa.table({"image_id": pa.array(query_images, pa.string()),
-                                 "query": pa.array(queries, pa.string())}), tmp)
-    with atomic_file(out / "topk.parquet") as tmp:
-        pq.write_table(pa.table({"image_id": pa.array(rows_image, pa.string()),
-                                 "rank": pa.array(rows_rank, pa.int32()),
-                                 "sentence_id": pa.array(rows_sid, pa.int64()),
-                                 "score": pa.array(rows_score, pa.float32())}), tmp)
-    with atomic_file(out / "skipped.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(s) + "\n" for s in skipped), encoding="utf-8")
 
-    hits = np.bincount(np.asarray(rows_sid, dtype=np.int64), minlength=n) if rows_sid else np.zeros(n, np.int64)
-    summary.update(
-        status="done",
-        query_mode=cfg.query_mode, index=cfg.index, k=cfg.k,
-        excluded_sentences=int(excluded.size), indexed_sentences=int(keep.size),
-        images=len(image_ids), queries=len(queries), unique_queries=len(unique),
-        images_skipped=len(skipped), skipped_examples=[s["image_id"] for s in skipped[:20]],
-        images_with_fewer_than_k=int(short),
-        query_seconds=round(query_seconds, 3),
-        queries_per_s=round(len(unique) / query_seconds, 1) if unique and query_seconds > 0 else None,
-        hubness={
-            "fraction_of_corpus_retrieved": round(float((hits > 0).sum()) / max(int(keep.size), 1), 6),
+def _hubness(topk: TopK, n_indexed: int, n: int) -> dict[str, Any]:
+    hits = np.bincount(topk.sentence_id, minlength=n) if len(topk) else np.zeros(n, np.int64)
+    return {"fraction_of_corpus_retrieved": round(float((hits > 0).sum()) / max(n_indexed, 1), 6),
             "distinct_sentences_retrieved": int((hits > 0).sum()),
             "max_times_one_sentence_retrieved": int(hits.max()) if hits.size else 0,
-            "most_retrieved_sentence_id": int(hits.argmax()) if rows_sid else None,
-        },
+            "most_retrieved_sentence_id": int(hits.argmax()) if len(topk) else None}
+
+
+def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
+    """Encode sentences (this process's units), then on the main process build the index and
+    retrieve the top-K sentences of every image."""
+    cfg.validate()
+    shard = cfg.shard_spec()
+    output = RetrievalOutput(Path(cfg.out))
+    regions, text = RegionsOutput(Path(cfg.regions)), TextOutput(Path(cfg.text))
+    n = text.count()
+    if n == 0:
+        raise ConfigError(f"retrieval: {text.sentences} holds no sentences")
+    inputs = {"regions": regions.digest(), "text": text.digest()}
+    if cfg.exclude_sentence_ids is not None:
+        inputs["exclude_sentence_ids"] = digest_file(Path(cfg.exclude_sentence_ids))
+    record = BuildRecord("retrieval", output_settings(cfg, exclude=("out", "regions", "text", "exclude_sentence_ids")),
+                         inputs)
+    emb_meta = embedding_meta(cfg, n, inputs["text"])
+    emb_meta_path = output.embeddings / "meta.json"
+
+    def clear(_old: BuildRecord | None) -> None:
+        for path in (output.topk, output.queries, output.skipped, output.index, output.index_ids,
+                     output.index_meta, output.root / "summary.json"):
+            path.unlink(missing_ok=True)
+        if output.embeddings.exists() and _read_json(emb_meta_path) != emb_meta:
+            shutil.rmtree(output.embeddings)  # embeddings of another text store, model or unit size
+
+    start = prepare_output(output.root, record, overwrite=cfg.overwrite, is_main=shard.is_main, clear=clear,
+                           outputs=output.outputs(), work=[output.embeddings])
+    if start.status == "reuse":
+        return reused_summary(output.root)
+    if shard.is_main:
+        output.embeddings.mkdir(parents=True, exist_ok=True)
+        with atomic_file(emb_meta_path) as tmp:
+            tmp.write_text(json.dumps(emb_meta, indent=2), encoding="utf-8")
+        save_config(cfg, output.root, inputs={"regions": str(regions.root), "text": str(text.root), **inputs})
+
+    plan = UnitPlan(output.embeddings, "part", len(unit_ranges(n, cfg.unit_size)), shard, ".npy")
+    summary: dict[str, Any] = {"stage": "retrieval", "shard": shard.rank, "num_shards": shard.world, "sentences": n}
+    summary.update(encode_units(cfg, plan, text, n))
+    if not shard.is_main:
+        summary["status"] = "encoded_shard"
+        _write_summary(output.root / f"summary.rank-{shard.rank:05d}.json", summary)
+        return summary
+    if not plan.complete():
+        summary.update(plan.waiting("retrieval"))
+        _write_summary(output.root / "summary.json", summary)
+        return summary
+
+    excluded = read_exclusions(cfg.exclude_sentence_ids, n)
+    keep = np.setdiff1d(np.arange(n, dtype=np.int64), excluded)
+    if keep.size == 0:
+        raise ConfigError("retrieval: every sentence is excluded; nothing left to retrieve")
+    index_meta = {"index": cfg.index, "train_size": cfg.train_size, "embeddings": emb_meta,
+                  "excluded": hashlib.sha256(excluded.tobytes()).hexdigest()[:16]}
+    t0 = time.time()
+    index, index_ids, reused = _index_over(cfg, output, plan, n, keep, index_meta)
+    summary.update(index_reused=reused, index_seconds=round(time.time() - t0, 3))
+    k = min(cfg.k, int(keep.size))
+    set_search_params(index, cfg.nprobe, k)
+
+    queries = _make_queries(*confident_region_tags(regions, cfg.min_tag_score), cfg.query_mode)
+    encoders.load_sentence_encoder(cfg.model, cfg.device)  # load outside the timed loop
+    t0 = time.time()
+    topk = _search(cfg, index, index_ids, queries, k)
+    query_seconds = time.time() - t0
+    output.write_queries(queries.image_ids, queries.texts)
+    output.write_topk(topk)
+    with atomic_file(output.skipped) as tmp:
+        tmp.write_text("".join(json.dumps(s) + "\n" for s in queries.skipped), encoding="utf-8")
+    n_short = sum(1 for pairs in topk.by_image().values() if len(pairs) < cfg.k)
+    summary.update(
+        status="done", query_mode=cfg.query_mode, index=cfg.index, k=cfg.k,
+        excluded_sentences=int(excluded.size), indexed_sentences=int(keep.size),
+        images=len(queries.image_ids) + len(queries.skipped), queries=len(queries.texts),
+        unique_queries=len(queries.unique), images_skipped=len(queries.skipped),
+        skipped_examples=[q["image_id"] for q in queries.skipped[:20]], images_with_fewer_than_k=int(n_short),
+        query_seconds=round(query_seconds, 3),
+        queries_per_s=round(len(queries.unique) / query_seconds, 1) if queries.unique and query_seconds > 0 else None,
+        hubness=_hubness(topk, int(keep.size), n),
     )
-    _write_summary(out, summary)
+    _write_summary(output.root / "summary.json", summary)
+    finish_output(output.root, record, output.outputs())
     return summary
 
 
-def _write_summary(out: Path, summary: dict[str, Any]) -> None:
-    with atomic_file(out / "summary.json") as tmp:
+def _write_summary(path: Path, summary: dict[str, Any]) -> None:
+    with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+
+
+def describe(summary: dict[str, Any]) -> list[str]:
+    """The few lines ``muvla retrieve`` prints at the end (details in summary.json)."""
+    if summary.get("status") != "done":
+        return [f"retrieval: {summary.get('status')}: {summary.get('note', '')}".rstrip(": ")]
+    hub = summary.get("hubness", {})
+    lines = [f"retrieval: top-{summary['k']} sentences for {summary['queries']} images "
+             f"({summary['query_mode']} queries, {summary['index']} index over {summary['indexed_sentences']} "
+             "sentences)" + (" (reused: already built)" if summary.get("reused") else ""),
+             f"  {100 * hub.get('fraction_of_corpus_retrieved', 0):.1f}% of the sentences were retrieved at least once"]
+    if summary.get("images_skipped"):
+        lines.append(f"  {summary['images_skipped']} image(s) without tags were skipped (skipped.jsonl)")
+    return lines

@@ -1,354 +1,95 @@
 """Downstream evaluation (``muvla evaluate``): official metrics + prediction files (METHOD.md section 8).
 
 ``run_evaluate`` scores a fine-tuned task model (``<finetune out>/model`` with task.json) on one
-split, or, for ``--task retrieval``, any muvla model zero-shot through its pre-training ITM head:
-every (image, caption) pair of the (optionally subsampled) split is scored, so n images x m captions
-cost n*m encoder passes; ``max_images`` caps n for CPU runs.
+split, or, for tasks that allow it (retrieval), any muvla model zero-shot through its pre-training
+ITM head. What fine-tuning recorded in task.json is read back: the task, the text truncation
+(``max_text_len``) and the answer vocabulary; a value given explicitly wins (a differing one is
+logged as one warning line), except the task, where a mismatch is an error.
 
 Outputs (``out`` is a folder, or a ``*.json`` results path whose parent holds the rest):
-results.json in the ``muvla table`` schema, the predictions in the benchmark's submission format,
-rejected.jsonl (the loaders' records), summary.json and config.yaml.
+results.json in the ``muvla table`` schema (only when the split has labels), the predictions in the
+benchmark's submission format, rejected.jsonl (the readers' records), summary.json and config.yaml,
+plus the task's extra outputs (retrieval: the score matrix and a recall figure).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from muvla.corpus.layout import RegionsOutput
 from muvla.corpus.regions import RegionStore
-from muvla.tasks.data import (
-    NO_REGIONS,
-    AnswerVocab,
-    CaptionExample,
-    LoadReport,
-    caption_index,
-    load_coco_captions,
-    load_nlvr2,
-    load_refcoco,
-    load_refcoco_json,
-    load_snli_ve,
-    load_vqa,
+from muvla.tasks.batch import DEFAULT_MAX_TEXT_LEN, has_regions_fn
+from muvla.tasks.files import LoadReport
+from muvla.tasks.model import (
+    ANSWER_VOCAB_FILE,
+    TaskInfo,
+    TaskModel,
+    load_encoder,
+    read_task_info,
+    resolve_model_folder,
+    tokenizer_source,
 )
-from muvla.tasks.datasets import TaskBatch, TaskCollator, build_dataset, get_regions, has_regions_fn
-from muvla.tasks.heads import ANSWER_VOCAB_FILE, TASKS, TaskModel, canonical_task, read_task_info
-from muvla.tasks.metrics import (
-    covered_by_regions,
-    nlvr2_accuracy_consistency,
-    refcoco_accuracy,
-    retrieval_recall,
-    snli_ve_accuracy,
-    vqa_accuracy,
-    write_nlvr2_predictions,
-    write_refcoco_predictions,
-    write_snli_ve_predictions,
-    write_vqa_predictions,
-)
-from muvla.tasks.table import HEADLINE
-from muvla.training.distributed import pick_device
-from muvla.utils.config import ConfigError, save_config
-from muvla.utils.progress import progress
+from muvla.tasks.registry import get_task, task_names
+from muvla.tasks.results import write_results
+from muvla.tasks.spec import EvalOptions, Evaluation, ReadOptions, TaskSpec
+from muvla.tasks.vocab import AnswerVocab
+from muvla.training import pick_device
+from muvla.training.distributed import DEVICES
+from muvla.utils.config import ConfigError, save_config, setting
 from muvla.utils.shards import atomic_file
 
 logger = logging.getLogger(__name__)
-
-PREDICTION_SUFFIX = {"vqa": ".json", "nlvr2": ".csv", "snli_ve": ".jsonl", "refcoco+": ".json", "retrieval": ".json"}
-
-
-# --------------------------------------------------------------------------------------------
-# shared helpers (also used by finetune)
-# --------------------------------------------------------------------------------------------
-
-
-def merge_reports(reports: Sequence[LoadReport]) -> LoadReport:
-    """One LoadReport over several files (counts summed, records concatenated)."""
-    out = LoadReport()
-    for r in reports:
-        out.kept += r.kept
-        out.skipped.update(r.skipped)
-        out.notes.update(r.notes)
-        out.records.extend(r.records)
-    return out
-
-
-def load_task_examples(task: str, files: Sequence[Path], *, images: Path | None = None,
-                       vocab: AnswerVocab | None = None, store: RegionStore | None = None,
-                       split: str | None = None) -> tuple[list[Any], LoadReport]:
-    """Read a task's official files with the ``muvla.tasks.data`` loaders.
-
-    files: vqa [questions.json, annotations.json] (annotations optional for test splits);
-    nlvr2 / snli_ve: one or more JSON-lines files; refcoco+: [refs(unc).p, instances.json] or
-    [refcoco.json] (``split`` selects train/val/testA/testB); retrieval: [captions.json].
-    """
-    task = canonical_task(task)
-    files = [Path(f) for f in files]
-    if not files:
-        raise ConfigError(f"task {task}: no data files given")
-    has = has_regions_fn(store) if store is not None else None
-    if task == "vqa":
-        if len(files) not in (1, 2):
-            raise ConfigError(f"vqa expects [questions.json, annotations.json], got {len(files)} files")
-        if vocab is None:
-            raise ConfigError("vqa needs an answer vocabulary (answer_vocab)")
-        return load_vqa(files[0], files[1] if len(files) == 2 else None, vocab, has)
-    if task == "refcoco+":
-        if len(files) == 2:
-            return load_refcoco(files[0], files[1], split, has)
-        if len(files) == 1:
-            return load_refcoco_json(files[0], split, has)
-        raise ConfigError(f"refcoco+ expects [refs.p, instances.json] or [refcoco.json], got {len(files)} files")
-    examples: list[Any] = []
-    reports = []
-    for f in files:
-        if task == "nlvr2":
-            ex, rep = load_nlvr2(f, images, has)
-        elif task == "snli_ve":
-            ex, rep = load_snli_ve(f, images, has)
-        else:
-            ex, rep = load_coco_captions(f, has)
-        examples += ex
-        reports.append(rep)
-    return examples, merge_reports(reports)
-
-
-def tokenizer_source(model: str | Path) -> str:
-    """Folder (or 'default') to read the WordPiece tokenizer from for ``model``."""
-    from muvla.tasks.heads import resolve_model_folder
-
-    folder = resolve_model_folder(model)
-    return str(folder) if folder is not None else str(model)
-
-
-@torch.no_grad()
-def predict_dataset(model: TaskModel, dataset: Dataset, collator: TaskCollator, batch_size: int,
-                    device: torch.device, desc: str = "predict") -> tuple[list[Any], list[Any], list[np.ndarray]]:
-    """(keys, predictions, region boxes of each item's first row) over ``dataset`` in order."""
-    from muvla.training import move_to_device
-
-    model.eval()
-    keys: list[Any] = []
-    preds: list[Any] = []
-    boxes: list[np.ndarray] = []
-    n = len(dataset)  # type: ignore[arg-type]
-    for start in progress(range(0, n, batch_size), desc=desc, total=(n + batch_size - 1) // batch_size):
-        batch = collator([dataset[i] for i in range(start, min(n, start + batch_size))])
-        out = model.predict(move_to_device(batch, device)).cpu()
-        keys += batch.keys
-        preds += out.tolist()
-        rows = batch.region_boxes.shape[0] // len(batch.keys)
-        boxes += [b.numpy() for b in batch.region_boxes[::rows]]
-    return keys, preds, boxes
-
-
-def evaluate_examples(model: TaskModel, examples: Sequence[Any], report: LoadReport, store: RegionStore,
-                      tokenizer: Any, *, batch_size: int = 32, max_text_len: int = 40,
-                      device: torch.device | None = None, vocab: AnswerVocab | None = None
-                      ) -> tuple[dict[str, Any], dict[Any, Any]]:
-    """Predict ``examples`` with a fine-tuned model; return (official metrics, predictions by key).
-
-    Metrics are empty when the split has no labels (e.g. VQA test questions without annotations).
-    Examples the loader skipped are counted: ``n_unscored`` (and as wrong in RefCOCO+ ``acc_all``).
-    """
-    task = model.task
-    if task == "retrieval":
-        raise ValueError("use retrieval_scores for retrieval")
-    device = device or next(model.parameters()).device
-    if not examples:
-        raise ValueError(f"{task}: no examples left to evaluate ({report.summary()})")
-    dataset = build_dataset(task, examples, store, n_answers=model.n_answers)
-    collator = TaskCollator(tokenizer, max_text_len)
-    keys, preds, boxes = predict_dataset(model, dataset, collator, batch_size, device, desc=f"eval {task}")
-    metrics: dict[str, Any] = {"n": len(examples), "n_unscored": report.n_skipped}
-    predictions: dict[Any, Any]
-    if task == "vqa":
-        if vocab is None:
-            raise ValueError("VQA evaluation needs the answer vocabulary")
-        predictions = {int(k): vocab.answer(int(p)) for k, p in zip(keys, preds)}
-        if all(ex.answers for ex in examples):
-            metrics["accuracy"] = vqa_accuracy(predictions, examples)
-    elif task == "nlvr2":
-        predictions = {str(k): bool(p) for k, p in zip(keys, preds)}
-        metrics.update(nlvr2_accuracy_consistency(predictions, examples))
-    elif task == "snli_ve":
-        predictions = {str(k): int(p) for k, p in zip(keys, preds)}
-        metrics["accuracy"] = snli_ve_accuracy(predictions, examples)
-    else:  # refcoco+
-        predictions = {}
-        pred_boxes, gt_boxes, covered = [], [], []
-        for ex, key, p, b in zip(examples, keys, preds, boxes):
-            box = b[int(p)]
-            predictions[key] = box.tolist()
-            pred_boxes.append(box)
-            gt_boxes.append(ex.box)
-            covered.append(covered_by_regions(ex.box, get_regions(store, ex.image_id).boxes))
-        n_unscored = int(report.skipped.get(NO_REGIONS, 0))
-        metrics.update(refcoco_accuracy(np.array(pred_boxes), np.array(gt_boxes), covered, n_unscored))
-        metrics["n_unscored"] = n_unscored
-    return metrics, predictions
-
-
-def write_predictions(task: str, path: Path, predictions: dict[Any, Any]) -> Path:
-    """Predictions in the benchmark's submission format (see DESIGN.md "tasks")."""
-    if task == "vqa":
-        return write_vqa_predictions(path, predictions)
-    if task == "nlvr2":
-        return write_nlvr2_predictions(path, predictions)
-    if task == "snli_ve":
-        return write_snli_ve_predictions(path, predictions)
-    if task == "refcoco+":
-        return write_refcoco_predictions(path, predictions)
-    raise ValueError(f"no prediction writer for task {task!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# retrieval
-# --------------------------------------------------------------------------------------------
-
-
-def select_retrieval_subset(captions: Sequence[CaptionExample], max_images: int = 0,
-                            max_captions_per_image: int = 0) -> list[CaptionExample]:
-    """The first ``max_images`` images (caption order) and up to ``max_captions_per_image`` captions each."""
-    image_ids, _ = caption_index(captions)
-    keep = set(map(str, image_ids[:max_images] if max_images > 0 else image_ids))
-    per_image: dict[str, int] = {}
-    out = []
-    for c in captions:
-        key = str(c.image_id)
-        if key not in keep or (max_captions_per_image > 0 and per_image.get(key, 0) >= max_captions_per_image):
-            continue
-        per_image[key] = per_image.get(key, 0) + 1
-        out.append(c)
-    return out
-
-
-@torch.no_grad()
-def retrieval_scores(model: TaskModel, captions: Sequence[CaptionExample], store: RegionStore, tokenizer: Any,
-                     *, batch_size: int = 64, max_text_len: int = 40, device: torch.device | None = None
-                     ) -> tuple[np.ndarray, list[Any], list[int]]:
-    """ITM logit of every (image, caption) pair: (scores [n_images, n_captions], image ids,
-    text_to_image). Captions are tokenized once; each image's regions are repeated per caption chunk."""
-    if model.task != "retrieval":
-        raise ValueError(f"retrieval scoring needs the ITM head (task 'retrieval'), model task is {model.task!r}")
-    device = device or next(model.parameters()).device
-    model.eval()
-    image_ids, text_to_image = caption_index(captions)
-    enc = tokenizer([c.caption for c in captions], padding="longest", truncation=True, max_length=max_text_len,
-                    return_tensors="pt")
-    ids, mask = enc["input_ids"], enc["attention_mask"].bool()
-    scores = np.zeros((len(image_ids), len(captions)), dtype=np.float32)
-    for row in progress(range(len(image_ids)), desc="retrieval", total=len(image_ids), unit="img"):
-        regions = get_regions(store, image_ids[row])
-        feats = torch.from_numpy(np.asarray(regions.features, dtype=np.float32))[None]
-        pos = torch.from_numpy(regions.position_features())[None]
-        for start in range(0, len(captions), batch_size):
-            stop = min(len(captions), start + batch_size)
-            b = stop - start
-            batch = TaskBatch(input_ids=ids[start:stop].to(device), attention_mask=mask[start:stop].to(device),
-                              region_features=feats.expand(b, -1, -1).to(device),
-                              region_positions=pos.expand(b, -1, -1).to(device),
-                              region_mask=torch.ones(b, feats.shape[1], dtype=torch.bool, device=device),
-                              region_boxes=torch.zeros(b, feats.shape[1], 4), targets=torch.zeros(b),
-                              keys=[])
-            scores[row, start:stop] = model.predict(batch).cpu().numpy()
-    return scores, image_ids, text_to_image
-
-
-def write_retrieval_predictions(path: Path, scores: np.ndarray, image_ids: Sequence[Any],
-                                captions: Sequence[CaptionExample], k: int = 10) -> Path:
-    """Top-k caption ids per image and top-k image ids per caption (there is no official format)."""
-    k_t = min(k, scores.shape[1])
-    k_i = min(k, scores.shape[0])
-    i2t = np.argsort(-scores, axis=1, kind="stable")[:, :k_t]
-    t2i = np.argsort(-scores, axis=0, kind="stable")[:k_i].T
-    rows = {"image_to_text": [{"image_id": image_ids[i], "caption_ids": [captions[j].caption_id for j in i2t[i]]}
-                              for i in range(len(image_ids))],
-            "text_to_image": [{"caption_id": captions[j].caption_id, "image_ids": [image_ids[i] for i in t2i[j]]}
-                              for j in range(len(captions))]}
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(rows), encoding="utf-8")
-    return path
-
-
-def plot_retrieval_recall(metrics: dict[str, Any], path: Path, title: str = "retrieval") -> Path:
-    """Bar chart of R@1/5/10 in both directions (the demo's zero-shot retrieval figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = (1, 5, 10)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    width = 0.38
-    for j, (direction, label) in enumerate((("i2t", "image -> text"), ("t2i", "text -> image"))):
-        vals = [100 * metrics[f"{direction}_r{k}"] for k in ks]
-        bars = ax.bar([i + (j - 0.5) * width for i in range(len(ks))], vals, width, label=label)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(range(len(ks)), [f"R@{k}" for k in ks])
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("recall (%)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
-
-
-# --------------------------------------------------------------------------------------------
-# the evaluate stage
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class EvaluateConfig:
     """``muvla evaluate`` settings."""
 
-    out: Path  # results json path, or a folder (-> <out>/results.json)
-    task: str
-    model: str = "default"  # fine-tuned folder (task.json), or for retrieval any muvla/BERT model
-    split: str = "val"
-    data: list[Path] = field(default_factory=list)
-    regions: Path | None = None
-    images: Path | None = None  # NLVR2 / SNLI-VE image folder; retrieval: images to build regions from
-    captions: Path | None = None  # retrieval: COCO captions JSON (or pass it in data)
-    answer_vocab: Path | None = None  # VQA: default = the copy inside the fine-tuned model folder
-    coco_instances: Path | None = None  # on-the-fly regions with the coco-instances backend
-    region_backend: str = "detector"  # backend when regions must be built from images
-    max_regions: int = 36
-    max_images: int = 0  # retrieval: first N images only (0 = all)
-    max_captions_per_image: int = 0  # retrieval: 0 = all
-    batch_size: int = 32
-    max_text_len: int = 40
-    device: str = "auto"
-    model_name: str = "muvla"
-    torch_threads: int = 0  # intra-op CPU threads; 0 = torch's default
+    out: Path = setting(help="results JSON path, or a folder (-> <out>/results.json)")
+    task: str | None = setting(None, help=f"one of {', '.join(task_names())} (default: the fine-tuned model's task, "
+                                          "from its task.json)")
+    model: str = setting("default", help="fine-tuned model folder (with task.json), or for zero-shot retrieval any "
+                                         "muvla or BERT model ('default' = the bundled MiniLM)")
+    split: str = setting("val", help="split name (RefCOCO+ split inside the refer files; also names the outputs)")
+    data: list[Path] = setting(default_factory=list, help="the task's data files in their official formats")
+    regions: Path | None = setting(None, help="region store of the task's images (built by muvla regions)")
+    images: Path | None = setting(None, help="NLVR2 / SNLI-VE image folder; retrieval: an image folder to build "
+                                             "the regions from when no --regions is given (regions stage defaults)")
+    captions: Path | None = setting(None, help="retrieval: captions with image ids (COCO captions .json, JSON lines "
+                                               "{image, caption} .jsonl, or TSV image<TAB>caption); same as --data")
+    answer_vocab: Path | None = setting(None, help="VQA answer vocabulary (default: the copy in the model folder)")
+    max_images: int = setting(0, help="retrieval: first N images only (0 = all)")
+    max_captions_per_image: int = setting(0, help="retrieval: captions per image (0 = all)")
+    batch_size: int = setting(32, help="encoder rows per batch", runtime=True)
+    max_text_len: int | None = setting(None, help="tokens per text (default: the fine-tuned model's, from task.json)")
+    device: str = setting("auto", choices=DEVICES, help="auto: CUDA when available, else CPU", runtime=True)
+    model_name: str = setting("muvla", help="row name of this model in results.json and the Meta-Ave table")
+    torch_threads: int = setting(0, help="intra-op CPU threads; 0 = torch's default", runtime=True)
+
+    def data_files(self) -> list[Path]:
+        return [Path(self.captions)] if self.captions is not None else [Path(p) for p in self.data]
 
     def validate(self) -> None:
-        try:
-            self.task = canonical_task(self.task)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
-        if self.task == "retrieval":
-            if self.captions is None and not self.data:
-                raise ConfigError("retrieval needs captions (a COCO captions JSON)")
-            if self.regions is None and self.images is None:
-                raise ConfigError("retrieval needs a region store (regions) or an image folder (images)")
-        else:
-            if not self.data:
-                raise ConfigError(f"task {self.task} needs its data files (data)")
-            if self.regions is None:
-                raise ConfigError(f"task {self.task} needs a region store (regions)")
-        for name in ("batch_size", "max_text_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        spec = _resolve_task(self.task, self.model)
+        self.task = spec.name
+        if not self.data_files():
+            raise ConfigError(f"task {spec.name} needs its data files (data, or captions for a captions file): "
+                              f"{spec.files}")
+        spec.check_files(self.data_files(), "data", labelled=False)
+        if self.regions is None and not (spec.regions_from_images and self.images is not None):
+            alternative = " or an image folder (images)" if spec.regions_from_images else ""
+            raise ConfigError(f"task {spec.name} needs a region store (regions){alternative}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_text_len is not None and self.max_text_len < 1:
+            raise ConfigError(f"max_text_len must be >= 1, got {self.max_text_len}")
         if self.max_images < 0 or self.max_captions_per_image < 0:
             raise ConfigError("max_images and max_captions_per_image must be >= 0 (0 = all)")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -357,7 +98,29 @@ class EvaluateConfig:
             raise ConfigError(f"torch_threads must be >= 0 (0 = torch default), got {self.torch_threads}")
 
 
-def output_paths(out: Path, task: str, split: str) -> tuple[Path, Path]:
+def _model_info(model: str | Path) -> tuple[Path | None, TaskInfo | None]:
+    """(muvla model folder, its task.json) behind ``model``; (None, None) for a BERT name/folder."""
+    try:
+        folder = resolve_model_folder(model)
+        return folder, read_task_info(folder) if folder is not None else None
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _resolve_task(task: str | None, model: str | Path) -> TaskSpec:
+    """The task given, else the one in the model's task.json; a model fine-tuned for another task is an error."""
+    folder, info = _model_info(model)
+    if task is None:
+        if info is None:
+            raise ConfigError(f"task: give the task to evaluate ({model} has no task.json to read it from)")
+        task = info.task
+    spec = get_task(task)
+    if info is not None and get_task(info.task) is not spec:
+        raise ConfigError(f"{folder} was fine-tuned for {info.task!r}, not {spec.name!r}")
+    return spec
+
+
+def output_paths(out: Path) -> tuple[Path, Path]:
     """(results.json path, folder for predictions / rejected / summary)."""
     out = Path(out)
     if out.suffix == ".json":
@@ -365,40 +128,76 @@ def output_paths(out: Path, task: str, split: str) -> tuple[Path, Path]:
     return out / "results.json", out
 
 
-def results_entry(model_name: str, task: str, split: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """One results record in the ``muvla table`` schema (task '<task>/<split>')."""
-    name = "refcoco+" if task == "refcoco+" else task
-    return {"model": model_name, "task": f"{name}/{split}" if split else name, "metrics": metrics}
+def read_back_max_text_len(given: int | None, info: TaskInfo | None) -> int:
+    """The text truncation to evaluate with: the given one (a difference from fine-tuning is one
+    warning line), else the one fine-tuning recorded, else the default."""
+    trained = info.max_text_len if info is not None else None
+    if given is None:
+        return trained if trained is not None else DEFAULT_MAX_TEXT_LEN
+    if trained is not None and given != trained:
+        logger.warning("max_text_len %d (given) differs from %d used in fine-tuning (task.json); using %d",
+                       given, trained, given)
+    return given
 
 
-def load_task_model(model: str | Path, task: str, feature_dim: int) -> TaskModel:
-    """A fine-tuned task model; for retrieval also a plain encoder (zero-shot through its ITM head)."""
-    from muvla.tasks.heads import load_encoder, resolve_model_folder
+def _load_model(spec: TaskSpec, model: str, feature_dim: int) -> tuple[TaskModel, TaskInfo | None, Path | None]:
+    """The fine-tuned model (+ its task.json and folder), or for zero-shot tasks a plain encoder + fresh head."""
+    folder, info = _model_info(model)
+    if info is None or folder is None:
+        if not spec.zero_shot:
+            raise ConfigError(f"{model} is not a fine-tuned {spec.name} model (no task.json): run muvla finetune first")
+        return spec.build_model(load_encoder(model, feature_dim)), None, folder
+    task_model = spec.load_model(folder)
+    if task_model.encoder.config.region_feature_dim != feature_dim:
+        raise ConfigError(f"{folder} expects region features of size {task_model.encoder.config.region_feature_dim}, "
+                          f"the region store has {feature_dim}")
+    return task_model, info, folder
 
-    folder = resolve_model_folder(model)
-    info = read_task_info(folder) if folder is not None else None
-    if info is not None:
-        if canonical_task(info["task"]) != task:
-            raise ConfigError(f"{folder} was fine-tuned for {info['task']!r}, not {task!r}")
-        tm = TaskModel.from_pretrained(folder)
-        if tm.encoder.config.region_feature_dim != feature_dim:
-            raise ConfigError(f"{folder} expects region features of size {tm.encoder.config.region_feature_dim}, "
-                              f"the region store has {feature_dim}")
-        return tm
-    if task != "retrieval":
-        raise ConfigError(f"{model} is not a fine-tuned {task} model (no task.json): run muvla finetune first")
-    return TaskModel(load_encoder(model, feature_dim), "retrieval")
+
+def _answer_vocab(spec: TaskSpec, given: Path | None, model: TaskModel, info: TaskInfo | None,
+                  folder: Path | None) -> AnswerVocab | None:
+    """The fine-tuned model's answer vocabulary (or the given one, which wins); None for fixed classes."""
+    if not spec.learns_answers:
+        return None
+    trained = folder / (info.answer_vocab or ANSWER_VOCAB_FILE) if folder is not None and info is not None else None
+    path = Path(given) if given is not None else trained
+    if path is None or not path.is_file():
+        raise ConfigError(f"{spec.name} evaluation needs answer_vocab (none found in the model folder)")
+    try:
+        vocab = AnswerVocab.from_file(path)
+        if given is not None and trained is not None and trained.is_file() and AnswerVocab.from_file(trained) != vocab:
+            logger.warning("answer_vocab %s (given) differs from the model's %s; using %s", path, trained, path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if len(vocab) != model.n_answers:
+        raise ConfigError(f"answer vocabulary {path} has {len(vocab)} answers, the model {model.n_answers}")
+    return vocab
 
 
 def _build_regions(cfg: EvaluateConfig, folder: Path) -> Path:
-    """Retrieval without a store: run the regions stage on ``cfg.images`` into ``<folder>/regions``."""
+    """No region store given: run the regions stage on ``cfg.images`` into ``<folder>/regions``."""
     from muvla.regions.stage import RegionsConfig, run_regions
 
-    rcfg = RegionsConfig(out=folder / "regions", backend=cfg.region_backend, images=cfg.images,
-                         coco_instances=cfg.coco_instances, max_regions=cfg.max_regions,
-                         max_proposals=max(48, cfg.max_regions), progress=False)
+    rcfg = RegionsConfig(out=folder / "regions", images=cfg.images, progress=False)
     run_regions(rcfg)
     return rcfg.out
+
+
+def _write_outputs(spec: TaskSpec, cfg: EvaluateConfig, evaluation: Evaluation, report: LoadReport,
+                   folder: Path, results_path: Path) -> dict[str, Any]:
+    """The task's extra files, rejected.jsonl and results.json (only when the split has labels)."""
+    written: dict[str, Any] = {}
+    if spec.extra_outputs is not None:
+        written.update(spec.extra_outputs(evaluation, folder, spec.output_stem(cfg.split), cfg.model_name))
+    report.write_rejected(folder / "rejected.jsonl")
+    written["results"] = None
+    if spec.headline in evaluation.metrics:
+        written["results"] = str(write_results(results_path, cfg.model_name, spec.name, cfg.split,
+                                               evaluation.metrics))
+    else:  # e.g. VQA test-dev questions without annotations: predictions only, scored by the server
+        logger.warning("%s/%s has no labels: wrote predictions only (%s)", spec.name, cfg.split,
+                       spec.prediction_path(folder, cfg.split))
+    return written
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -406,80 +205,34 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     from muvla.encoders import load_wordpiece_tokenizer
 
     cfg.validate()
+    spec = get_task(str(cfg.task))
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
-    task = cfg.task
-    results_path, folder = output_paths(cfg.out, task, cfg.split)
+    results_path, folder = output_paths(cfg.out)
     folder.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     regions_root = cfg.regions if cfg.regions is not None else _build_regions(cfg, folder)
+    RegionsOutput(Path(regions_root)).digest()  # a finished regions output, unchanged since (one line if not)
     store = RegionStore(regions_root)
-    model = load_task_model(cfg.model, task, store.feature_dim).to(device)
-    tokenizer = load_wordpiece_tokenizer(tokenizer_source(cfg.model))
-    stem = f"{task.replace('+', '_plus')}_{cfg.split}" if cfg.split else task.replace("+", "_plus")
-    pred_path = folder / f"predictions_{stem}{PREDICTION_SUFFIX[task]}"
-    summary: dict[str, Any] = {"stage": "evaluate", "task": task, "split": cfg.split, "model": str(cfg.model),
-                               "regions": str(regions_root), "device": str(device)}
-
-    if task == "retrieval":
-        files = [cfg.captions] if cfg.captions is not None else list(cfg.data)
-        captions, report = load_task_examples(task, files, store=store)
-        subset = select_retrieval_subset(captions, cfg.max_images, cfg.max_captions_per_image)
-        if not subset:
-            raise ValueError(f"retrieval: no caption has an image with regions ({report.summary()})")
-        scores, image_ids, t2i = retrieval_scores(model, subset, store, tokenizer, batch_size=cfg.batch_size,
-                                                  max_text_len=cfg.max_text_len, device=device)
-        metrics: dict[str, Any] = retrieval_recall(scores, t2i)
-        model_folder = folder_of(cfg.model)
-        zero_shot = model_folder is None or read_task_info(model_folder) is None
-        metrics.update({"n_images": len(image_ids), "n_captions": len(subset), "zero_shot": zero_shot})
-        np.save(folder / f"scores_{stem}.npy", scores)
-        write_retrieval_predictions(pred_path, scores, image_ids, subset)
-        kind = "zero-shot (ITM head)" if metrics["zero_shot"] else "fine-tuned"
-        summary["figure"] = str(plot_retrieval_recall(
-            metrics, folder / "retrieval_recall.png",
-            f"{cfg.model_name} {kind}: {len(image_ids)} images x {len(subset)} captions"))
-    else:
-        vocab = None
-        if task == "vqa":
-            vocab_path = cfg.answer_vocab
-            if vocab_path is None:
-                mf = folder_of(cfg.model)
-                vocab_path = mf / ANSWER_VOCAB_FILE if mf is not None else None
-            if vocab_path is None or not Path(vocab_path).is_file():
-                raise ConfigError("VQA evaluation needs answer_vocab (none found in the model folder)")
-            vocab = AnswerVocab.from_file(vocab_path)
-            if len(vocab) != model.n_answers:
-                raise ConfigError(f"answer vocabulary {vocab_path} has {len(vocab)} answers, the model "
-                                  f"{model.n_answers}")
-        examples, report = load_task_examples(task, cfg.data, images=cfg.images, vocab=vocab, store=store,
-                                              split=cfg.split if task == "refcoco+" else None)
-        metrics, predictions = evaluate_examples(model, examples, report, store, tokenizer,
-                                                 batch_size=cfg.batch_size, max_text_len=cfg.max_text_len,
-                                                 device=device, vocab=vocab)
-        write_predictions(task, pred_path, predictions)
-    report.write_rejected(folder / "rejected.jsonl")
-    if HEADLINE[task] in metrics:
-        entry = results_entry(cfg.model_name, task, cfg.split, metrics)
-        with atomic_file(results_path) as tmp:
-            tmp.write_text(json.dumps(entry, indent=1), encoding="utf-8")
-    else:  # e.g. VQA test-dev questions without annotations: predictions only, scored by the server
-        logger.warning("%s/%s has no labels: wrote predictions only (%s)", task, cfg.split, pred_path)
-        results_path = None
-    summary.update({"metrics": metrics, "load_report": report.to_dict(),
-                    "results": str(results_path) if results_path else None, "predictions": str(pred_path)})
+    model, info, model_folder = _load_model(spec, cfg.model, store.feature_dim)
+    cfg = dataclasses.replace(cfg, max_text_len=read_back_max_text_len(cfg.max_text_len, info))
+    vocab = _answer_vocab(spec, cfg.answer_vocab, model, info, model_folder)
+    read = ReadOptions(images=cfg.images, split=cfg.split, has_regions=has_regions_fn(store), vocab=vocab)
+    examples, report = spec.load(cfg.data_files(), read)
+    options = EvalOptions(store, load_wordpiece_tokenizer(tokenizer_source(cfg.model)), device,
+                          batch_size=cfg.batch_size, max_text_len=int(cfg.max_text_len), vocab=vocab,
+                          max_images=cfg.max_images, max_captions_per_image=cfg.max_captions_per_image,
+                          zero_shot=info is None, label=cfg.model_name)
+    pred_path = spec.prediction_path(folder, cfg.split)
+    evaluation = spec.score(model.to(device), examples, report, options, pred_path)
+    written = _write_outputs(spec, cfg, evaluation, report, folder, results_path)
+    summary: dict[str, Any] = {"stage": "evaluate", "task": spec.name, "split": cfg.split, "model": str(cfg.model),
+                               "regions": str(regions_root), "device": str(device), "max_text_len": cfg.max_text_len,
+                               **{k: v for k, v in written.items() if k != "results"},
+                               "metrics": evaluation.metrics, "load_report": report.to_dict(),
+                               "results": written["results"], "predictions": str(pred_path)}
     with atomic_file(folder / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
     save_config(cfg, folder, inputs={"data": cfg.data, "regions": regions_root, "model": cfg.model})
-    logger.info("evaluate %s/%s: %s (%s)", task, cfg.split, metrics, report.summary())
+    logger.info("evaluate %s/%s: %s (%s)", spec.name, cfg.split, evaluation.metrics, report.summary())
     return summary
-
-
-def folder_of(model: str | Path) -> Path | None:
-    from muvla.tasks.heads import resolve_model_folder
-
-    return resolve_model_folder(model)
-
-
-__all__ = ["TASKS", "EvaluateConfig", "evaluate_examples", "load_task_examples", "retrieval_scores",
-           "run_evaluate", "select_retrieval_subset"]

@@ -6,11 +6,11 @@ Results files are JSON, in one of these shapes (metrics are fractions in [0, 1])
     {"model": "muvla", "tasks": {"vqa": {"accuracy": 0.702}, "nlvr2": {"accuracy": 0.71, ...}}}
     [ <either of the above>, ... ]
 
-A task name is ``<task>`` or ``<task>/<split>`` (e.g. ``refcoco+/testA``); ``<task>`` is one of
-HEADLINE's keys and picks the metric shown in the table:
-vqa -> accuracy, nlvr2 -> accuracy, snli_ve -> accuracy, refcoco+ -> acc_all (over ALL
-expressions), retrieval -> mean_recall (mean of R@1/5/10 both directions). A folder given as a
-path is searched recursively for ``results*.json``.
+A task name is ``<task>`` or ``<task>/<split>`` (e.g. ``refcoco+/testA``); ``<task>`` is a name or
+alias of ``muvla.tasks.registry.TASKS``, whose spec picks the metric shown (``TaskSpec.headline``:
+vqa, nlvr2, snli_ve -> accuracy, refcoco+ -> acc_all over ALL expressions, retrieval ->
+mean_recall = mean of R@1/5/10 both directions) and the column title. A folder given as a path is
+searched recursively for ``results*.json``.
 
 Rows are models (known baselines first: base, round_robin, joint_unaligned, muvla, aligned, then
 others in the order met); columns are the tasks present in any row plus Meta-Ave = the mean of
@@ -31,14 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from muvla.tasks.metrics import meta_ave
+from muvla.tasks.registry import TASKS, get_task
+from muvla.utils.config import ConfigError
 from muvla.utils.shards import atomic_file
 
-HEADLINE: dict[str, str] = {"vqa": "accuracy", "nlvr2": "accuracy", "snli_ve": "accuracy",
-                            "refcoco+": "acc_all", "retrieval": "mean_recall"}
-DISPLAY: dict[str, str] = {"vqa": "VQA", "nlvr2": "NLVR2", "snli_ve": "SNLI-VE", "refcoco+": "RefCOCO+",
-                           "retrieval": "Retrieval mR"}
-ALIASES: dict[str, str] = {"snli-ve": "snli_ve", "snlive": "snli_ve", "refcoco_plus": "refcoco+",
-                           "refcocoplus": "refcoco+", "vqav2": "vqa", "vqa_v2": "vqa"}
 MODEL_ORDER = ("base", "round_robin", "joint_unaligned", "muvla", "aligned")
 
 
@@ -58,10 +54,11 @@ class ResultRow:
 def canonical_task(task: str) -> str:
     """'SNLI-VE/test' -> 'snli_ve/test'; raises ValueError for an unknown task."""
     base, _, split = task.strip().partition("/")
-    base = ALIASES.get(base.lower(), base.lower())
-    if base not in HEADLINE:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(HEADLINE)} (optionally '<task>/<split>')")
-    return f"{base}/{split}" if split else base
+    try:
+        name = get_task(base).name
+    except ConfigError as err:
+        raise ValueError(f"{err} (optionally '<task>/<split>')") from None
+    return f"{name}/{split}" if split else name
 
 
 def _entries(obj: object, where: str) -> list[tuple[str, str, dict]]:
@@ -110,7 +107,7 @@ def collect_results(paths: Sequence[str | Path]) -> list[ResultRow]:
                 col = canonical_task(str(task))
             except ValueError as e:
                 raise ValueError(f"{path}: {e}") from e
-            key = HEADLINE[col.split("/")[0]]
+            key = get_task(col.split("/")[0]).headline
             if not isinstance(metrics, dict) or key not in metrics:
                 raise ValueError(f"{path}: {model}/{task} has no '{key}' metric (the headline of {col.split('/')[0]})")
             value = metrics[key]
@@ -129,15 +126,15 @@ def collect_results(paths: Sequence[str | Path]) -> list[ResultRow]:
 
 
 def table_columns(rows: Sequence[ResultRow]) -> list[str]:
-    """Task columns present in any row, in HEADLINE order then split name."""
+    """Task columns present in any row, in TASKS order then split name."""
     cols = {c for r in rows for c in r.scores}
-    order = list(HEADLINE)
+    order = list(TASKS)
     return sorted(cols, key=lambda c: (order.index(c.split("/")[0]), c))
 
 
 def _display(col: str) -> str:
     base, _, split = col.partition("/")
-    return f"{DISPLAY[base]} {split}".strip()
+    return f"{get_task(base).display} {split}".strip()
 
 
 def render_table(rows: Sequence[ResultRow]) -> tuple[str, str]:

@@ -7,10 +7,15 @@ decides whether such a line is repaired or rejected (``fix_utf8``).
 Format detection (``detect_format``), documented rule:
 - ``.json``  -> ``coco`` (COCO captions JSON, ``annotations[].caption``)
 - ``.tsv``   -> ``cc3m`` (``caption<TAB>url``; the first field is kept)
-- otherwise the first 64 KiB are sniffed: a Project Gutenberg ``*** START OF`` marker, or a median
-  non-empty line longer than 300 characters (one paragraph per line) -> ``book``; else ``plain``
-  (one sentence per line). Hard-wrapped books without a Gutenberg header need an explicit
-  ``book:path`` prefix (or ``formats``), because wrapped lines look like short sentences.
+- otherwise up to the first 2,000 lines (at most 4 MiB) are sniffed: a Project Gutenberg
+  ``*** START OF`` marker, or at least 3 non-empty lines whose median is longer than 300 characters
+  (one paragraph per line) -> ``book``; else ``plain`` (one sentence per line). One long line never
+  decides it. Hard-wrapped books without a Gutenberg header need an explicit ``book:path`` prefix
+  (or ``formats``), because wrapped lines look like short sentences.
+
+A file that is not in its format at all (a COCO JSON without ``annotations``) raises
+:class:`BadCorpusFile`; an item that cannot be used (a TSV row that is not ``caption<TAB>url``, an
+annotation without a caption) is yielded with its ``problem`` so the stage records it.
 """
 
 from __future__ import annotations
@@ -31,13 +36,19 @@ _DANGLING_QUOTE = re.compile(r"\s+([\"\u201c\u2018'])$")
 _ITALICS = re.compile(r"_(\S(?:[^_]*\S)?)_")
 
 
+class BadCorpusFile(ValueError):
+    """A whole input file is unusable (wrong format); the stage records it and goes on with the others."""
+
+
 @dataclass
 class RawItem:
-    """One candidate sentence; ``line`` is 1-based (JSON: the annotation index), ``bad_utf8`` marks repaired bytes."""
+    """One candidate sentence; ``line`` is 1-based (JSON: the annotation index), ``bad_utf8`` marks
+    invalid bytes, ``problem`` says why the item cannot be used at all (it is recorded, not kept)."""
 
     text: str
     line: int
     bad_utf8: bool = False
+    problem: str | None = None
 
 
 def normalise(text: str) -> str:
@@ -72,10 +83,18 @@ def read_plain(path: Path) -> Iterator[RawItem]:
 
 
 def read_cc3m(path: Path) -> Iterator[RawItem]:
-    """Conceptual Captions TSV ``caption<TAB>url``: keep the caption (a line without a tab is all caption)."""
+    """Conceptual Captions TSV ``caption<TAB>url``: keep the caption; any other number of fields is a
+    malformed row (recorded, not taken as a caption). Blank lines are just empty."""
     for i, line in _lines(path):
-        caption = line.split("\t", 1)[0]
-        yield RawItem(caption, i, has_bad_utf8(caption))
+        if not line.strip():
+            yield RawItem("", i)
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2:
+            yield RawItem(fields[0], i, has_bad_utf8(fields[0]),
+                          problem=f"expected caption<TAB>url, got {len(fields)} tab-separated field(s)")
+            continue
+        yield RawItem(fields[0], i, has_bad_utf8(fields[0]))
 
 
 def read_coco(path: Path) -> Iterator[RawItem]:
@@ -84,13 +103,14 @@ def read_coco(path: Path) -> Iterator[RawItem]:
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        raise BadCorpusFile(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from err
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise ValueError(f"{path}: not a COCO captions file (no top-level 'annotations' list)")
+        raise BadCorpusFile(f"{path}: not a COCO captions file (no top-level 'annotations' list)")
     for i, ann in enumerate(data["annotations"]):
         caption = ann.get("caption") if isinstance(ann, dict) else None
         if not isinstance(caption, str):
-            caption = ""  # counted as empty by the stage, never silently lost
+            yield RawItem("", i, problem="annotation without a 'caption' string")
+            continue
         yield RawItem(caption, i, has_bad_utf8(caption))
 
 
@@ -157,15 +177,27 @@ def detect_format(path: Path) -> str:
         return "coco"
     if suffix == ".tsv":
         return "cc3m"
-    with open(path, "rb") as f:
-        head = f.read(65536).decode("utf-8", errors="replace")
-    lines = head.splitlines()
+    lines = _sample_lines(Path(path))
     if any(_GUTENBERG_START.match(line) for line in lines):
         return "book"
     lengths = sorted(len(line) for line in lines if line.strip())
-    if lengths and lengths[len(lengths) // 2] > 300:
+    if len(lengths) >= 3 and lengths[len(lengths) // 2] > 300:
         return "book"
     return "plain"
+
+
+def _sample_lines(path: Path, max_lines: int = 2000, max_bytes: int = 4 << 20) -> list[str]:
+    """The first lines of a file, whole (a very long first line does not hide the next ones)."""
+    lines: list[str] = []
+    read = 0
+    with open(path, "rb") as f:
+        while len(lines) < max_lines and read < max_bytes:
+            raw = f.readline(max_bytes - read)
+            if not raw:
+                break
+            lines.append(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+            read += len(raw)
+    return lines
 
 
 def parse_corpus_entry(entry: str | Path) -> tuple[str | None, Path]:

@@ -1,73 +1,83 @@
 """Text stage: turn raw text-only corpora into one clean, de-duplicated ``sentences.parquet``.
 
 The retrieval stage indexes these sentences; ``sentence_id`` is the row number, so it must be
-contiguous and stable. Every dropped line is counted per source in ``summary.json`` (and invalid
-UTF-8 rejections are listed in ``rejected.jsonl``) so nothing is lost silently.
+contiguous and stable. Nothing is lost silently: empty lines and exact duplicates are counted per
+source in ``summary.json``; every other dropped line (invalid UTF-8 in ``reject`` mode, too short,
+too long, a malformed TSV row, an annotation without a caption) is counted AND recorded in
+``rejected.jsonl`` with its file and line; a file that is not in its format at all is recorded
+there too and skipped, while the other files still go through (the run fails only when no file is
+usable).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+from muvla.corpus.layout import TextOutput
+from muvla.corpus.provenance import (
+    BuildRecord,
+    OutputPolicy,
+    digest_file,
+    finish_output,
+    prepare_output,
+    reused_summary,
+)
 from muvla.text.readers import (
     FORMATS,
     READERS,
+    BadCorpusFile,
     detect_format,
     fix_utf8,
     normalise,
     parse_corpus_entry,
 )
-from muvla.utils.config import ConfigError, save_config
+from muvla.utils.config import ConfigError, check_choices, output_settings, save_config, setting
 from muvla.utils.shards import atomic_file, clean_stale_tmp
 
-SCHEMA = pa.schema([("sentence_id", pa.int64()), ("text", pa.string()), ("source", pa.string())])
-_FLUSH_ROWS = 100_000
+logger = logging.getLogger(__name__)
 
 
-@dataclass
-class TextConfig:
+@dataclass(kw_only=True)
+class TextSettings:
     """Inputs and cleaning rules of the text stage.
 
     ``corpus`` entries may carry a format prefix (``book:path``); ``formats``, when given, is a
     per-file list parallel to ``corpus``; otherwise ``format`` (default ``auto``) applies.
     """
 
-    out: Path
-    corpus: list[Path] = field(default_factory=list)
-    format: str = "auto"
-    formats: list[str] | None = None
-    invalid_utf8: str = "replace"  # "replace": repair with U+FFFD and count; "reject": drop the line, record it
-    min_words: int = 1
-    max_chars: int = 1000  # longer items are dropped and counted (a runaway "sentence" is not a caption)
-    dedupe: bool = True
+    corpus: list[Path] = setting(default_factory=list,
+                                 help="text files: plain (a sentence a line), CC3M .tsv, COCO captions .json, "
+                                      "book .txt; prefix one with 'book:' etc. to force its format")
+    format: str = setting("auto", choices=("auto", *FORMATS), help="format of every corpus file")
+    formats: list[str] | None = setting(None, choices=("auto", *FORMATS),
+                                        help="one format per corpus file (overrides --format)")
+    invalid_utf8: str = setting("replace", choices=("replace", "reject"),
+                                help="replace: repair bad bytes with U+FFFD and count them; reject: drop "
+                                     "the line and record it")
+    min_words: int = setting(1, help="shorter items are dropped and recorded")
+    max_chars: int = setting(1000, help="longer items are dropped and recorded (a runaway 'sentence' is not a "
+                                        "caption)")
+    dedupe: bool = setting(True, help="drop exact duplicates after whitespace normalisation (counted)")
 
     def validate(self) -> None:
+        check_choices(self, "text")
         if not self.corpus:
-            raise ConfigError("text: 'corpus' needs at least one input file")
-        allowed = ("auto", *FORMATS)
-        if self.format not in allowed:
-            raise ConfigError(f"text: format {self.format!r} not in {allowed}")
-        if self.formats is not None:
-            if len(self.formats) != len(self.corpus):
-                raise ConfigError(f"text: 'formats' has {len(self.formats)} entries for {len(self.corpus)} corpus files")
-            bad = [f for f in self.formats if f not in allowed]
-            if bad:
-                raise ConfigError(f"text: unknown format(s) {bad}; allowed {allowed}")
-        if self.invalid_utf8 not in ("replace", "reject"):
-            raise ConfigError(f"text: invalid_utf8 must be 'replace' or 'reject', got {self.invalid_utf8!r}")
+            raise ConfigError("text: give at least one corpus file (--corpus FILE ...)")
+        if self.formats is not None and len(self.formats) != len(self.corpus):
+            raise ConfigError(f"text: 'formats' has {len(self.formats)} entries for {len(self.corpus)} corpus files")
         if self.min_words < 1:
             raise ConfigError(f"text: min_words must be >= 1, got {self.min_words}")
         if self.max_chars < 1:
             raise ConfigError(f"text: max_chars must be >= 1, got {self.max_chars}")
-        for _, path in self.inputs():
+        for entry in self.corpus:
+            prefix, path = parse_corpus_entry(entry)
             if not path.exists():
                 raise ConfigError(f"text: corpus file {path} does not exist")
             if not path.is_file():
@@ -85,92 +95,136 @@ class TextConfig:
         return result
 
 
+@dataclass
+class TextConfig(TextSettings, OutputPolicy):
+    """``muvla text``: the settings plus where the sentence store goes."""
+
+    out: Path = setting(help="output folder (sentences.parquet, rejected.jsonl, summary.json)")
+
+
 def _new_counts(fmt: str) -> dict[str, Any]:
     return {"format": fmt, "items_read": 0, "empty_dropped": 0, "invalid_utf8_repaired": 0,
-            "invalid_utf8_rejected": 0, "too_short_dropped": 0, "too_long_dropped": 0,
+            "invalid_utf8_rejected": 0, "too_short_dropped": 0, "too_long_dropped": 0, "malformed_dropped": 0,
             "duplicates_dropped": 0, "kept": 0}
+
+
+@dataclass
+class _Cleaner:
+    """Applies the cleaning rules to one item at a time, counting and recording every drop."""
+
+    cfg: TextSettings
+    rejected: TextIO
+    seen: set[bytes] = field(default_factory=set)
+
+    def _reject(self, counts: dict[str, Any], key: str, source: str, line: int, reason: str) -> None:
+        counts[key] += 1
+        self.rejected.write(json.dumps({"file": source, "line": line, "reason": reason}, ensure_ascii=False) + "\n")
+
+    def clean(self, item: Any, source: str, counts: dict[str, Any]) -> str | None:
+        counts["items_read"] += 1
+        if item.problem is not None:
+            self._reject(counts, "malformed_dropped", source, item.line, item.problem)
+            return None
+        text = item.text
+        if item.bad_utf8:
+            if self.cfg.invalid_utf8 == "reject":
+                self._reject(counts, "invalid_utf8_rejected", source, item.line, "invalid UTF-8")
+                return None
+            text = fix_utf8(text)
+            counts["invalid_utf8_repaired"] += 1
+        text = normalise(text)
+        if not text:
+            counts["empty_dropped"] += 1
+            return None
+        if len(text.split(" ")) < self.cfg.min_words:
+            self._reject(counts, "too_short_dropped", source, item.line, f"fewer than {self.cfg.min_words} word(s)")
+            return None
+        if len(text) > self.cfg.max_chars:
+            self._reject(counts, "too_long_dropped", source, item.line,
+                         f"too long ({len(text)} characters > max_chars={self.cfg.max_chars})")
+            return None
+        if self.cfg.dedupe:
+            key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+            if key in self.seen:
+                counts["duplicates_dropped"] += 1
+                return None
+            self.seen.add(key)
+        counts["kept"] += 1
+        return text
 
 
 def run_text(cfg: TextConfig) -> dict[str, Any]:
     """Read, clean and de-duplicate every corpus file into ``<out>/sentences.parquet``."""
     cfg.validate()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale_tmp(out)
+    output = TextOutput(Path(cfg.out))
     inputs = cfg.inputs()
-    save_config(cfg, out, inputs={"corpus": [{"format": f, "path": str(p)} for f, p in inputs]})
+    record = BuildRecord("text", output_settings(cfg, exclude=("corpus", "out")),
+                         {f"{i}:{fmt}:{path.name}": digest_file(path) for i, (fmt, path) in enumerate(inputs)})
+
+    def clear(_old: BuildRecord | None) -> None:
+        for path in (output.sentences, output.rejected, output.root / "summary.json"):
+            path.unlink(missing_ok=True)
+
+    start = prepare_output(output.root, record, overwrite=cfg.overwrite, is_main=True, clear=clear,
+                           outputs=output.outputs())
+    summary_path = output.root / "summary.json"
+    if start.status == "reuse":
+        return reused_summary(output.root)
+    clean_stale_tmp(output.root)
+    save_config(cfg, output.root, inputs={"corpus": [{"format": f, "path": str(p)} for f, p in inputs]})
 
     t0 = time.time()
-    seen: set[bytes] = set()
     per_source: dict[str, dict[str, Any]] = {}
-    next_id = 0
-    buf_text: list[str] = []
-    buf_source: list[str] = []
-
-    def flush(writer: pq.ParquetWriter) -> None:
-        nonlocal next_id
-        if not buf_text:
-            return
-        ids = pa.array(range(next_id, next_id + len(buf_text)), type=pa.int64())
-        writer.write_table(pa.Table.from_arrays([ids, pa.array(buf_text, pa.string()),
-                                                 pa.array(buf_source, pa.string())], schema=SCHEMA))
-        next_id += len(buf_text)
-        buf_text.clear()
-        buf_source.clear()
-
-    with atomic_file(out / "rejected.jsonl") as rej_tmp, open(rej_tmp, "w", encoding="utf-8") as rej, \
-            atomic_file(out / "sentences.parquet") as tmp, pq.ParquetWriter(tmp, SCHEMA) as writer:
+    bad_files: list[dict[str, str]] = []
+    with atomic_file(output.rejected) as rej_tmp, open(rej_tmp, "w", encoding="utf-8") as rejected, \
+            output.writer() as writer:
+        cleaner = _Cleaner(cfg, rejected)
         for fmt, path in inputs:
             source = str(path)
             counts = per_source.setdefault(source, _new_counts(fmt))
-            for item in READERS[fmt](path):
-                counts["items_read"] += 1
-                text = item.text
-                if item.bad_utf8:
-                    if cfg.invalid_utf8 == "reject":
-                        counts["invalid_utf8_rejected"] += 1
-                        rej.write(json.dumps({"file": source, "line": item.line, "reason": "invalid UTF-8"}) + "\n")
-                        continue
-                    text = fix_utf8(text)
-                    counts["invalid_utf8_repaired"] += 1
-                text = normalise(text)
-                if not text:
-                    counts["empty_dropped"] += 1
-                    continue
-                if len(text.split(" ")) < cfg.min_words:
-                    counts["too_short_dropped"] += 1
-                    continue
-                if len(text) > cfg.max_chars:
-                    counts["too_long_dropped"] += 1
-                    continue
-                if cfg.dedupe:
-                    key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-                    if key in seen:
-                        counts["duplicates_dropped"] += 1
-                        continue
-                    seen.add(key)
-                counts["kept"] += 1
-                buf_text.append(text)
-                buf_source.append(source)
-                if len(buf_text) >= _FLUSH_ROWS:
-                    flush(writer)
-            flush(writer)
+            try:
+                for item in READERS[fmt](path):
+                    text = cleaner.clean(item, source, counts)
+                    if text is not None:
+                        writer.add(text, source)
+            except BadCorpusFile as err:
+                logger.warning("text: skipping %s", err)
+                counts["file_rejected"] = str(err)
+                bad_files.append({"file": source, "reason": str(err)})
+                rejected.write(json.dumps({"file": source, "line": None, "reason": str(err)}) + "\n")
+    n_sentences = writer.count
+    if len(bad_files) == len(inputs):
+        raise ConfigError(f"text: no usable corpus file ({'; '.join(b['reason'] for b in bad_files)})")
 
     summary = {
         "stage": "text",
-        "sentences": next_id,
+        "sentences": n_sentences,
         "sources": per_source,
+        "files_rejected": bad_files,
+        "dropped_and_recorded": sum(c[k] for c in per_source.values() for k in
+                                    ("invalid_utf8_rejected", "too_short_dropped", "too_long_dropped",
+                                     "malformed_dropped")),
         "invalid_utf8": cfg.invalid_utf8,
         "seconds": round(time.time() - t0, 3),
     }
-    with atomic_file(out / "summary.json") as tmp:
+    with atomic_file(summary_path) as tmp:
         tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    finish_output(output.root, record, output.outputs())
     return summary
 
 
-def read_sentences(text_dir: Path, columns: list[str] | None = None) -> pa.Table:
-    """The text stage's ``sentences.parquet`` (clear error when the stage has not run)."""
-    path = Path(text_dir) / "sentences.parquet"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the text stage first (muvla text ...)")
-    return pq.read_table(path, columns=columns)
+def describe(summary: dict[str, Any]) -> list[str]:
+    """The few lines ``muvla text`` prints at the end (details in summary.json)."""
+    drops: Counter[str] = Counter()
+    for counts in summary.get("sources", {}).values():
+        for key in ("empty_dropped", "duplicates_dropped", "too_short_dropped", "too_long_dropped",
+                    "malformed_dropped", "invalid_utf8_rejected"):
+            drops[key] += counts.get(key, 0)
+    lines = [f"text: {summary.get('sentences')} sentences from {len(summary.get('sources', {}))} file(s)"
+             + (" (reused: already built)" if summary.get("reused") else "")]
+    dropped = ", ".join(f"{n} {k.replace('_dropped', '').replace('_', ' ')}" for k, n in drops.items() if n)
+    if dropped:
+        lines.append(f"  dropped: {dropped} (all but empty lines and duplicates are listed in rejected.jsonl)")
+    for bad in summary.get("files_rejected", []):
+        lines.append(f"  skipped file: {bad['reason']}")
+    return lines

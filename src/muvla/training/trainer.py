@@ -5,14 +5,10 @@ The trainer knows nothing about the model: ``model(batch)`` must return a :class
 gradient accumulation and clipping, mixed precision, DDP under torchrun, atomic checkpoints and
 exact resumption.
 
-Exact resumption rests on three choices:
-- the data order is a pure function of (seed, epoch, rank) (:class:`ResumableDistributedSampler`)
-  and the checkpoint records how many batches of the epoch were consumed;
-- the random numbers used while building a batch (e.g. masking in the dataset or collate fn) come
-  from the global ``random`` / ``numpy`` / ``torch`` RNGs re-seeded per batch from
-  (seed, epoch, rank, batch position), so they do not depend on DataLoader workers or restarts;
-- everything else (model RNG such as dropout, optimizer, scheduler, grad scaler, the partly filled
-  logging window) is saved per rank and restored.
+Exact resumption: the data order and the per-batch randomness are pure functions of (seed, epoch,
+rank, batch position) (``muvla.training.sampler``); everything else (model RNG such as dropout,
+optimizer, scheduler, grad scaler, the partly filled logging window) is saved per rank in the
+checkpoint (``muvla.training.checkpoint``) and restored.
 
 Epoch-dependent behaviour (the μ-VLA curriculum): at the start of training, at resume, and whenever
 a new epoch begins, the trainer calls ``model.set_epoch(epoch)`` if the (unwrapped) model has it and
@@ -26,11 +22,8 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
 import random
-import re
 import resource
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,9 +34,18 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from muvla.training.checkpoint import (
+    checkpoint_dir,
+    get_rng_state,
+    latest_checkpoint,
+    load_model_weights,
+    set_rng_state,
+    write_checkpoint,
+)
 from muvla.training.distributed import (
+    DEVICES,
     DistInfo,
     all_gather_object,
     all_reduce_sum,
@@ -51,12 +53,13 @@ from muvla.training.distributed import (
     broadcast_object,
     init_distributed,
 )
-from muvla.utils.config import ConfigError, to_dict
+from muvla.training.optim import linear_warmup_decay, param_groups, resolve_precision
+from muvla.training.sampler import BatchKey, KeyedBatches, ResumableDistributedSampler, passthrough
+from muvla.utils.config import ConfigError, check_choices, setting, to_dict
 from muvla.utils.progress import progress
-from muvla.utils.shards import atomic_dir, atomic_file, clean_stale_tmp
+from muvla.utils.shards import atomic_file, clean_stale_tmp
 
-CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
-CHECKPOINT_FILES = ("model.pt", "trainer.pt", "meta.json")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,28 +74,31 @@ class TrainerSettings:
     too; ``train_config(out)`` turns them into the :class:`TrainConfig` the trainer takes.
     """
 
-    max_steps: int = 0  # optimizer steps; > 0 wins over epochs
-    epochs: int = 1
-    batch_size: int = 32  # per rank and per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    lr: float = 5e-5
-    weight_decay: float = 0.01  # not applied to biases and normalisation weights
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-6
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 5.0  # <= 0 disables clipping (the norm is still logged)
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on CUDA if supported)
-    device: str = "auto"  # auto | cpu | cuda
-    seed: int = 42
-    log_every: int = 10
-    save_every: int = 1000
-    keep_checkpoints: int = 3  # newest checkpoints kept; 0 keeps all
-    num_workers: int = 0
-    drop_last: bool = False  # drop each rank's last partial batch of an epoch
-    find_unused_parameters: bool = False  # DDP: needed when a step leaves some heads unused
-    tensorboard: bool = True
-    resume: bool = False  # continue from the newest complete checkpoint in out
-    plot: bool = True  # write <out>/training_curves.png at the end
+    max_steps: int = setting(0, help="optimizer steps; > 0 wins over epochs")
+    epochs: int = setting(1, help="passes over the data (used when max_steps is 0)")
+    batch_size: int = setting(32, help="samples per rank and per micro-step")
+    grad_accum: int = setting(1, help="micro-steps per optimizer step")
+    lr: float = setting(5e-5, help="peak learning rate of AdamW")
+    weight_decay: float = setting(0.01, help="AdamW weight decay (not applied to biases and normalisation weights)")
+    betas: tuple[float, float] = setting((0.9, 0.999), help="AdamW betas")
+    eps: float = setting(1e-6, help="AdamW epsilon")
+    warmup_ratio: float = setting(0.1, help="fraction of the steps with a linear learning-rate warm-up")
+    max_grad_norm: float = setting(5.0, help="gradient clipping norm; <= 0 disables clipping (the norm is still logged)")
+    precision: str = setting("auto", choices=PRECISIONS,
+                             help="auto: fp32 on CPU, bf16 on CUDA when supported (else fp16)")
+    device: str = setting("auto", choices=DEVICES, help="auto: this rank's GPU when CUDA is available, else CPU",
+                          runtime=True)
+    seed: int = setting(42, help="seed of the data order, masking and initialisation")
+    log_every: int = setting(10, help="optimizer steps per metrics.jsonl row", runtime=True)
+    save_every: int = setting(1000, help="optimizer steps per checkpoint", runtime=True)
+    keep_checkpoints: int = setting(3, help="newest checkpoints kept; 0 keeps all", runtime=True)
+    num_workers: int = setting(0, help="DataLoader worker processes", runtime=True)
+    drop_last: bool = setting(False, help="drop each rank's last partial batch of an epoch")
+    find_unused_parameters: bool = setting(False, help="DDP: needed when a step leaves some heads unused",
+                                           runtime=True)
+    tensorboard: bool = setting(True, help="also log to <out>/tensorboard", runtime=True)
+    resume: bool = setting(False, help="continue from the newest complete checkpoint in --out", runtime=True)
+    plot: bool = setting(True, help="write <out>/training_curves.png at the end", runtime=True)
 
     def train_config(self, out: str | Path, **overrides: Any) -> TrainConfig:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainerSettings)}
@@ -103,7 +109,7 @@ class TrainerSettings:
 class TrainConfig(TrainerSettings):
     """What the trainer runs with: the settings plus the run folder."""
 
-    out: Path  # run folder: metrics.jsonl, tensorboard/, checkpoints/, training_curves.png
+    out: Path = setting(help="run folder: metrics.jsonl, tensorboard/, checkpoints/, training_curves.png")
 
     def validate(self) -> None:
         if self.max_steps < 0:
@@ -123,10 +129,7 @@ class TrainConfig(TrainerSettings):
             raise ConfigError(f"eps must be > 0, got {self.eps}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        check_choices(self)
         if self.keep_checkpoints < 0:
             raise ConfigError(f"keep_checkpoints must be >= 0 (0 = keep all), got {self.keep_checkpoints}")
         if self.num_workers < 0:
@@ -146,197 +149,6 @@ class StepOutput:
     logs: dict[str, float | torch.Tensor] = field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------------------------------
-# data order
-
-
-@dataclass(frozen=True)
-class BatchKey:
-    """One micro-batch: its place in the data stream and the dataset indices it holds."""
-
-    epoch: int
-    position: int  # batch index within this rank's epoch
-    rank: int
-    indices: tuple[int, ...]
-
-
-class ResumableDistributedSampler(Sampler[BatchKey]):
-    """Deterministic, rank-sharded batches that can restart in the middle of an epoch.
-
-    Each epoch shuffles all indices with ``seed + epoch``. To give every rank the same number of
-    batches (DDP needs equal step counts), the permutation is padded by repeating its first
-    indices until its length is a multiple of ``world``; rank r then takes every world-th index
-    from position r. So with padding a few samples are seen twice per epoch; none are dropped.
-    The rank's list is cut into batches of ``batch_size``; the last partial batch is kept unless
-    ``drop_last``. ``set_state(epoch, consumed_batches)`` makes the next iteration start there.
-    Iterating yields :class:`BatchKey` items; ``batches(epoch)`` gives the plain index lists.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 drop_last: bool = False) -> None:
-        if num_samples < 1:
-            raise ValueError("cannot sample from an empty dataset")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if world < 1 or not 0 <= rank < world:
-            raise ValueError(f"invalid rank {rank} of world {world}")
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world = world
-        self.seed = seed
-        self.drop_last = drop_last
-        self.epoch = 0
-        self.consumed_batches = 0
-        if len(self) == 0:
-            raise ValueError(f"{num_samples} samples over {world} rank(s) give fewer than batch_size="
-                             f"{batch_size} per rank and drop_last is set: an epoch would be empty")
-
-    @property
-    def samples_per_rank(self) -> int:
-        return math.ceil(self.num_samples / self.world)
-
-    def __len__(self) -> int:
-        """Batches per epoch on this rank (equal on all ranks)."""
-        if self.drop_last:
-            return self.samples_per_rank // self.batch_size
-        return math.ceil(self.samples_per_rank / self.batch_size)
-
-    def rank_indices(self, epoch: int) -> list[int]:
-        gen = torch.Generator().manual_seed(self.seed + epoch)
-        perm = torch.randperm(self.num_samples, generator=gen).tolist()
-        total = self.samples_per_rank * self.world
-        while len(perm) < total:  # pad by repeating from the start (loops when num_samples < world)
-            perm += perm[: total - len(perm)]
-        return perm[self.rank::self.world]
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        idx = self.rank_indices(epoch)
-        return [idx[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self))]
-
-    def set_state(self, epoch: int, consumed_batches: int) -> None:
-        if not 0 <= consumed_batches <= len(self):
-            raise ValueError(f"consumed_batches must be in [0, {len(self)}], got {consumed_batches}")
-        self.epoch = epoch
-        self.consumed_batches = consumed_batches
-
-    def __iter__(self) -> Iterator[BatchKey]:
-        # Snapshot the start now so that set_state during iteration only affects the next pass.
-        epoch, start = self.epoch, self.consumed_batches
-        keys = [BatchKey(epoch, pos, self.rank, tuple(b))
-                for pos, b in enumerate(self.batches(epoch)) if pos >= start]
-        return iter(keys)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "consumed_batches": self.consumed_batches, "seed": self.seed,
-                "num_samples": self.num_samples, "batch_size": self.batch_size, "world": self.world,
-                "drop_last": self.drop_last}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the position; refuse when the data order would differ (exact resume impossible)."""
-        for key in ("seed", "num_samples", "batch_size", "world", "drop_last"):
-            if state[key] != getattr(self, key):
-                raise ConfigError(f"cannot resume exactly: checkpoint has {key}={state[key]!r}, this run "
-                                  f"has {getattr(self, key)!r} (the data order would change)")
-        self.set_state(int(state["epoch"]), int(state["consumed_batches"]))
-
-
-def batch_seed(seed: int, epoch: int, rank: int, position: int) -> int:
-    """A well-mixed 32-bit seed for one batch, so per-batch randomness is independent of restarts."""
-    return int(np.random.SeedSequence([seed, epoch, rank, position]).generate_state(1)[0])
-
-
-class _KeyedBatches(Dataset):
-    """Turns a :class:`BatchKey` into ``(key, collated batch)``, seeding the global RNGs per batch.
-
-    The RNG states are saved and restored around the work so that, with ``num_workers=0``, the
-    main process's own random stream (dropout etc.) is not disturbed.
-    """
-
-    def __init__(self, dataset: Dataset, collate_fn: Callable[[list[Any]], Any], seed: int) -> None:
-        self.dataset = dataset
-        self.collate_fn = collate_fn
-        self.seed = seed
-
-    def __getitem__(self, key: BatchKey) -> tuple[BatchKey, Any]:
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                s = batch_seed(self.seed, key.epoch, key.rank, key.position)
-                random.seed(s)
-                np.random.seed(s)
-                torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also queues CUDA work
-                set_epoch = getattr(self.dataset, "set_epoch", None)
-                if callable(set_epoch):
-                    set_epoch(key.epoch)
-                try:
-                    batch = self.collate_fn([self.dataset[i] for i in key.indices])
-                except Exception as err:  # add where in the data stream it happened, then re-raise
-                    shown = list(key.indices[:8]) + (["..."] if len(key.indices) > 8 else [])
-                    raise RuntimeError(f"building batch {key.position} of epoch {key.epoch} on rank {key.rank} "
-                                       f"(dataset indices {shown}) failed: {err!r}") from err
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-        return key, batch
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-
-def _passthrough(x: Any) -> Any:
-    """DataLoader collate for pre-collated items (module level so spawn workers can pickle it)."""
-    return x
-
-
-# --------------------------------------------------------------------------------------------------
-# optimisation helpers
-
-
-def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
-    """LR multiplier: 0 -> 1 linearly over ``warmup_steps``, then 1 -> 0 linearly at ``total_steps``.
-
-    Same formula as BERT / HF ``get_linear_schedule_with_warmup`` (the paper's schedule).
-    """
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-
-_NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on weight matrices; none on biases and normalisation weights (BERT practice)."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    seen: set[int] = set()
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            if name == "bias" or isinstance(module, _NO_DECAY_MODULES) or p.ndim < 2:
-                no_decay.append(p)
-            else:
-                decay.append(p)
-    if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters")
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> fp32 on CPU, bf16 on CUDA when supported (else fp16); fp16 needs CUDA."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
-    return precision
-
-
 def move_to_device(obj: Any, device: torch.device) -> Any:
     """Recursively move tensors in dicts / lists / tuples / dataclasses to ``device``."""
     if isinstance(obj, torch.Tensor):
@@ -353,58 +165,6 @@ def move_to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-# --------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def checkpoint_dir(out: Path, step: int) -> Path:
-    return Path(out) / "checkpoints" / f"step-{step:07d}"
-
-
-def list_checkpoints(out: str | Path) -> list[Path]:
-    """Complete checkpoints under ``<out>/checkpoints`` (renamed, all files present), oldest first."""
-    root = Path(out) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and all((p / f).is_file() for f in CHECKPOINT_FILES):
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(out: str | Path) -> Path | None:
-    ckpts = list_checkpoints(out)
-    return ckpts[-1] if ckpts else None
-
-
-def load_model_weights(checkpoint: str | Path, model: nn.Module, strict: bool = True) -> Any:
-    """Load a checkpoint's model weights (e.g. pre-trained weights before fine-tuning)."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / "model.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"no model weights at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return model.load_state_dict(state, strict=strict)
-
-
-def get_rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak allocated GPU memory in MiB, or on CPU the process's peak resident set (ru_maxrss, KiB on Linux)."""
     if device.type == "cuda":
@@ -412,11 +172,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# --------------------------------------------------------------------------------------------------
-# trainer
-
-
-class _Window:
+class LogWindow:
     """Per-rank sums of what was seen since the last log line (saved in checkpoints for exact logs).
 
     Sums may be device tensors (float64) so that training steps never wait for the GPU; they are
@@ -444,6 +200,30 @@ class _Window:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.__dict__.update({k: (dict(v) if isinstance(v, dict) else v) for k, v in state.items()})
+
+    def add(self, out: StepOutput, n_samples: int) -> None:
+        """One micro-step's loss and named values."""
+        self.loss = self.loss + out.loss.detach().double().reshape(())
+        self.micro += 1
+        self.samples += n_samples
+        for k, v in (out.logs or {}).items():
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    raise ValueError(f"StepOutput.logs[{k!r}] must be a scalar, got shape {tuple(v.shape)}")
+                value: float | torch.Tensor = v.detach().double().reshape(())
+            elif isinstance(v, (int, float)):
+                value = float(v)
+            else:
+                raise TypeError(f"StepOutput.logs[{k!r}] must be a number or scalar tensor, got {type(v).__name__}")
+            self.sums[k] = self.sums.get(k, 0.0) + value
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def add_step(self, grad_norm: torch.Tensor) -> None:
+        """One optimizer step's gradient norm (a non-finite norm is counted, not summed)."""
+        self.steps += 1
+        finite = torch.isfinite(grad_norm)
+        self.grad_norm = self.grad_norm + torch.where(finite, grad_norm, 0.0)
+        self.bad_grads = self.bad_grads + (~finite).long()
 
 
 class Trainer:
@@ -498,7 +278,7 @@ class Trainer:
         self.epoch = 0
         self.consumed_batches = 0
         self.current_epoch: int | None = None
-        self.window = _Window()
+        self.window = LogWindow()
         self.resumed_from: Path | None = None
         self.ddp: DDP | None = None
 
@@ -517,11 +297,11 @@ class Trainer:
 
     def _stream(self) -> Iterator[tuple[BatchKey, Any]]:
         """Endless (key, batch) stream starting at the saved data position, epoch after epoch."""
-        keyed = _KeyedBatches(self.dataset, self.collate_fn, self.cfg.seed)
+        keyed = KeyedBatches(self.dataset, self.collate_fn, self.cfg.seed)
         epoch, start = self.epoch, self.consumed_batches
         while True:
             self.sampler.set_state(epoch, start)
-            loader = DataLoader(keyed, batch_size=None, sampler=self.sampler, collate_fn=_passthrough,
+            loader = DataLoader(keyed, batch_size=None, sampler=self.sampler, collate_fn=passthrough,
                                 num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda")
             yield from loader
             epoch, start = epoch + 1, 0
@@ -532,9 +312,8 @@ class Trainer:
         """Write ``step-XXXXXXX/`` atomically from rank 0, with every rank's RNG and log window."""
         rank_state = {"rng": get_rng_state(), "window": self.window.state_dict()}
         states = all_gather_object(rank_state)  # collective: every rank must call save_checkpoint
-        final = checkpoint_dir(self.out, self.step)
         if not self.dist.is_main:
-            return final
+            return checkpoint_dir(self.out, self.step)
         self.sampler.set_state(self.epoch, self.consumed_batches)
         trainer_state = {
             "step": self.step, "epoch": self.epoch, "total_steps": self.total_steps,
@@ -542,20 +321,10 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "sampler": self.sampler.state_dict(),
             "world": self.dist.world, "precision": self.precision, "config": to_dict(self.cfg),
         }
-        if final.exists():  # a damaged folder of this step that resume skipped: replace it
-            shutil.rmtree(final)
-        with atomic_dir(final) as tmp:
-            torch.save(self.model.state_dict(), tmp / "model.pt")  # unwrapped: no "module." prefix
-            torch.save(trainer_state, tmp / "trainer.pt")
-            for r, s in enumerate(states):
-                torch.save(s, tmp / f"rank-{r:05d}.pt")
-            (tmp / "meta.json").write_text(json.dumps(
-                {"step": self.step, "epoch": self.epoch, "consumed_batches": self.consumed_batches,
-                 "world": self.dist.world, "total_steps": self.total_steps}, indent=1), encoding="utf-8")
-        if self.cfg.keep_checkpoints > 0:
-            for old in list_checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        return final
+        meta = {"step": self.step, "epoch": self.epoch, "consumed_batches": self.consumed_batches,
+                "world": self.dist.world, "total_steps": self.total_steps}
+        return write_checkpoint(self.out, self.step, self.model, trainer_state, states, meta,
+                                self.cfg.keep_checkpoints)
 
     def _apply_schedule(self) -> None:
         """Set every group's lr from this run's config and schedule at the restored step.
@@ -635,23 +404,6 @@ class Trainer:
                 "check the inputs and lr, or use fp32")
         return row
 
-    def _accumulate(self, out: Any, n_samples: int) -> None:
-        w = self.window
-        w.loss = w.loss + out.loss.detach().double().reshape(())
-        w.micro += 1
-        w.samples += n_samples
-        for k, v in (out.logs or {}).items():
-            if isinstance(v, torch.Tensor):
-                if v.numel() != 1:
-                    raise ValueError(f"StepOutput.logs[{k!r}] must be a scalar, got shape {tuple(v.shape)}")
-                value: float | torch.Tensor = v.detach().double().reshape(())
-            elif isinstance(v, (int, float)):
-                value = float(v)
-            else:
-                raise TypeError(f"StepOutput.logs[{k!r}] must be a number or scalar tensor, got {type(v).__name__}")
-            w.sums[k] = w.sums.get(k, 0.0) + value
-            w.counts[k] = w.counts.get(k, 0) + 1
-
     # ---- main loop ----------------------------------------------------------------------------
 
     def _check_output(self, out: Any) -> None:
@@ -660,42 +412,67 @@ class Trainer:
             raise TypeError(f"model(batch) must return a StepOutput with a scalar loss tensor, got "
                             f"{type(out).__name__} with loss={type(loss).__name__}")
 
-    def train(self) -> dict[str, Any]:
-        """Train to ``total_steps`` (continuing the latest checkpoint when ``cfg.resume``)."""
-        cfg = self.cfg
+    def _start(self) -> None:
+        """Resume from the newest checkpoint when asked (refuse to overwrite one otherwise); wrap in DDP."""
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             clean_stale_tmp(self.out / "checkpoints")
         barrier()
         existing = latest_checkpoint(self.out) if self.dist.is_main else None
         existing = broadcast_object(str(existing) if existing else None)
-        if existing and not cfg.resume:
-            raise ConfigError(f"{self.out} already holds checkpoints (latest {existing}); pass resume=True "
-                              "to continue that run or choose another output folder")
+        if existing and not self.cfg.resume:
+            raise ConfigError(f"{self.out} already holds checkpoints (latest {existing}); pass --resume "
+                              "to continue that run, or choose another --out")
         if existing:
             self.load_checkpoint(Path(existing))
-
         if self.dist.world > 1:
             self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                           find_unused_parameters=cfg.find_unused_parameters)
+                           find_unused_parameters=self.cfg.find_unused_parameters)
+
+    def _micro_steps(self, net: nn.Module, stream: Iterator[tuple[BatchKey, Any]]) -> None:
+        """Forward and backward ``grad_accum`` micro-batches (DDP syncs gradients on the last one)."""
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        for micro in range(self.cfg.grad_accum):
+            key, batch = next(stream)
+            if key.epoch != self.current_epoch:
+                self._enter_epoch(key.epoch)
+            batch = move_to_device(batch, self.device)
+            final_micro = micro == self.cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if (self.ddp is None or final_micro) else self.ddp.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    out = net(batch)
+                self._check_output(out)
+                self.scaler.scale(out.loss.float() / self.cfg.grad_accum).backward()
+            self.window.add(out, len(key.indices))
+            self.epoch, self.consumed_batches = key.epoch, key.position + 1
+            if self.consumed_batches == len(self.sampler):
+                self.epoch, self.consumed_batches = key.epoch + 1, 0
+
+    def _optimizer_step(self) -> float:
+        """Clip, step, schedule; returns the learning rate the step used."""
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).detach().double()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.window.add_step(gnorm)
+        return lr
+
+    def train(self) -> dict[str, Any]:
+        """Train to ``total_steps`` (continuing the latest checkpoint when ``cfg.resume``)."""
+        self._start()
         net: nn.Module = self.ddp if self.ddp is not None else self.model
         net.train()
-
-        writer = None
-        if self.dist.is_main:
-            self._prepare_metrics_file()
-            if cfg.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1)
-        metrics_f = (self.out / "metrics.jsonl").open("a", encoding="utf-8") if self.dist.is_main else None
-
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        writer, metrics_f = self._open_logs()
         stream = self._stream()
         last_row: dict[str, Any] = {}
         start_step = self.step
-        t_window = time.perf_counter()
-        t_start = t_window
+        t_window = t_start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._enter_epoch(self.epoch)
@@ -703,52 +480,15 @@ class Trainer:
                        unit="step", enabled=self.dist.is_main)
         try:
             for _ in bar:
-                for micro in range(cfg.grad_accum):
-                    key, batch = next(stream)
-                    if key.epoch != self.current_epoch:
-                        self._enter_epoch(key.epoch)
-                    batch = move_to_device(batch, self.device)
-                    final_micro = micro == cfg.grad_accum - 1
-                    sync = contextlib.nullcontext() if (self.ddp is None or final_micro) else self.ddp.no_sync()
-                    with sync:
-                        with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                            out = net(batch)
-                        self._check_output(out)
-                        self.scaler.scale(out.loss.float() / cfg.grad_accum).backward()
-                    self._accumulate(out, len(key.indices))
-                    self.epoch, self.consumed_batches = key.epoch, key.position + 1
-                    if self.consumed_batches == len(self.sampler):
-                        self.epoch, self.consumed_batches = key.epoch + 1, 0
-
-                self.scaler.unscale_(self.optimizer)
-                clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).detach().double()
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.step += 1
-                self.window.steps += 1
-                finite = torch.isfinite(gnorm)
-                self.window.grad_norm = self.window.grad_norm + torch.where(finite, gnorm, 0.0)
-                self.window.bad_grads = self.window.bad_grads + (~finite).long()
-
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                self._micro_steps(net, stream)
+                lr = self._optimizer_step()
+                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
-                    row = self._gather_log(lr, now - t_window)
-                    self.window = _Window()
+                    last_row = self._log(self._gather_log(lr, now - t_window), writer, metrics_f)
+                    self.window = LogWindow()
                     t_window = now
-                    last_row = row
-                    if metrics_f is not None:
-                        metrics_f.write(json.dumps(row) + "\n")
-                        metrics_f.flush()
-                    if writer is not None:
-                        for k, v in row.items():
-                            if k != "step" and isinstance(v, (int, float)):
-                                writer.add_scalar(f"train/{k}", v, self.step)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.1f}")
-                if self.step % cfg.save_every == 0 or self.step == self.total_steps:
+                    bar.set_postfix(loss=f"{last_row['loss']:.4f}", sps=f"{last_row['samples_per_s']:.1f}")
+                if self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
                     self.save_checkpoint()
         finally:
             bar.close()
@@ -757,13 +497,36 @@ class Trainer:
             if writer is not None:
                 writer.close()
         barrier()
+        return self._summary(last_row, time.perf_counter() - t_start)
 
+    def _open_logs(self) -> tuple[Any, Any]:
+        """(TensorBoard writer or None, metrics.jsonl handle or None): rank 0 only."""
+        if not self.dist.is_main:
+            return None, None
+        self._prepare_metrics_file()
+        writer = None
+        if self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1)
+        return writer, (self.out / "metrics.jsonl").open("a", encoding="utf-8")
+
+    def _log(self, row: dict[str, Any], writer: Any, metrics_f: Any) -> dict[str, Any]:
+        if metrics_f is not None:
+            metrics_f.write(json.dumps(row) + "\n")
+            metrics_f.flush()
+        if writer is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(f"train/{k}", v, self.step)
+        return row
+
+    def _summary(self, last_row: dict[str, Any], elapsed: float) -> dict[str, Any]:
         plot_path = None
-        if self.dist.is_main and cfg.plot and (self.out / "metrics.jsonl").stat().st_size > 0:
+        if self.dist.is_main and self.cfg.plot and (self.out / "metrics.jsonl").stat().st_size > 0:
             from muvla.training.plots import plot_training_curves
 
             plot_path = plot_training_curves(self.out / "metrics.jsonl", self.out / "training_curves.png")
-        elapsed = time.perf_counter() - t_start
         return {
             "steps": self.step, "total_steps": self.total_steps, "epoch": self.epoch,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,

@@ -1,7 +1,9 @@
-"""Typed stage configs: YAML in, resolved YAML out.
+"""Typed configs: YAML and flags in, validated dataclasses out, resolved YAML written next to outputs.
 
-Every stage has one ``@dataclass`` config. A user may pass a YAML file and command-line overrides;
-the resolved config is written next to the stage outputs together with the inputs it read.
+Every stage has one ``@dataclass`` config. Each field is declared with :func:`setting`, which
+records its help text (what ``--help`` shows), its allowed values (checked once, when the config is
+loaded) and whether it changes a stage's outputs or only how fast they are made (``runtime``, left
+out of a stage's build record). A setting therefore has exactly one home: its field.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import datetime as _dt
 import platform
 import types
 import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,7 +23,44 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config value is missing, unknown or out of range."""
+    """A config value or input is missing, unknown or out of range (shown to the user as one line)."""
+
+
+HELP = "help"
+CHOICES = "choices"
+RUNTIME = "runtime"
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[Any] | None = None,
+            runtime: bool = False, default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
+            kw_only: bool | Any = dataclasses.MISSING) -> Any:
+    """A config field with its ``--help`` text, its allowed values and whether it only affects speed.
+
+    ``runtime=True`` marks settings that never change what a stage writes (batch sizes, devices,
+    threads, shards, progress bars): they are left out of the stage's build record, so changing
+    them does not make the outputs look stale.
+    """
+    metadata = {HELP: help, CHOICES: tuple(choices) if choices is not None else None, RUNTIME: runtime}
+    kwargs: dict[str, Any] = {"metadata": metadata}
+    if default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    if default_factory is not dataclasses.MISSING:
+        kwargs["default_factory"] = default_factory
+    if kw_only is not dataclasses.MISSING:
+        kwargs["kw_only"] = kw_only
+    return dataclasses.field(**kwargs)
+
+
+def field_help(f: dataclasses.Field) -> str:
+    return str(f.metadata.get(HELP, ""))
+
+
+def field_choices(f: dataclasses.Field) -> tuple[Any, ...] | None:
+    return f.metadata.get(CHOICES)
+
+
+def is_runtime(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get(RUNTIME, False))
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
@@ -34,16 +74,24 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         if len(non_none) == 1:
             return _coerce(value, non_none[0], name)
         return value
-    if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
-        return from_dict(annotation, value)
+    if dataclasses.is_dataclass(annotation):
+        if dataclasses.is_dataclass(value):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expects a mapping of {annotation.__name__} fields, got {value!r}")
+        return from_dict(annotation, value, where=name)
     if origin in (list, tuple):
-        if isinstance(value, str):
+        if isinstance(value, (str, Path)):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config field {name!r} expects a list, got {value!r}")
+            raise ConfigError(f"{name}: expects a list, got {value!r}")
         item_type = args[0] if args else Any
         items = [_coerce(v, item_type, name) for v in value]
         return items if origin is list else tuple(items)
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expects a mapping, got {value!r}")
+        return dict(value)
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -51,31 +99,63 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"config field {name!r} expects true/false, got {value!r}")
-    if annotation in (int, float, str):
+        raise ConfigError(f"{name}: expects true/false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool) or (annotation is int and isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{name}: expects {annotation.__name__}, got {value!r}")
         try:
             return annotation(value)
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"config field {name!r} expects {annotation.__name__}, got {value!r}") from err
+            raise ConfigError(f"{name}: expects {annotation.__name__}, got {value!r}") from err
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{name}: expects a string, got {value!r}")
+        return str(value)
     if annotation is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{name}: expects a path, got {value!r}")
         return Path(value)
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build dataclass ``cls`` from a dict, rejecting unknown keys (typos must not pass silently)."""
+def _check_choices(value: Any, choices: tuple[Any, ...] | None, name: str) -> None:
+    if choices is None or value is None:
+        return
+    values = value if isinstance(value, (list, tuple)) else [value]
+    bad = [v for v in values if v not in choices]
+    if bad:
+        raise ConfigError(f"{name}: expected one of {', '.join(map(str, choices))}; got {bad[0]!r}")
+
+
+def check_choices(obj: Any, where: str = "") -> None:
+    """Every setting of ``obj`` declared with ``choices`` holds one of them (call from ``validate``)."""
+    prefix = f"{where}." if where else ""
+    for f in dataclasses.fields(obj):
+        _check_choices(getattr(obj, f.name), field_choices(f), prefix + f.name)
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from a dict: unknown keys and bad values are one-line errors.
+
+    ``where`` is the dotted path of a nested section (for messages such as ``retrieval.k``).
+    """
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - known
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{where}." if where else ""
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown {cls.__name__} field(s): {sorted(unknown)}; known: {sorted(known)}")
-    kwargs = {k: _coerce(v, hints[k], k) for k, v in data.items()}
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.name not in kwargs and f.default is dataclasses.MISSING
+        raise ConfigError(f"unknown setting(s) {', '.join(prefix + u for u in unknown)}; "
+                          f"known: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+        _check_choices(kwargs[key], field_choices(fields[key]), prefix + key)
+    missing = [name for name, f in fields.items() if name not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
         flags = ", ".join("--" + m.replace("_", "-") for m in missing)
-        raise ConfigError(f"{cls.__name__}: missing required value(s) {missing} (flags {flags} or YAML keys)")
+        raise ConfigError(f"{cls.__name__}: missing required value(s) {', '.join(prefix + m for m in missing)} "
+                          f"(flags {flags} or YAML keys)")
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
@@ -85,7 +165,7 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 def to_dict(obj: Any) -> Any:
     """Plain-YAML view of a (nested) dataclass."""
-    if dataclasses.is_dataclass(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
@@ -96,26 +176,54 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def output_settings(cfg: Any, exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """The settings of ``cfg`` that change what a stage writes (runtime fields left out)."""
+    return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+            if not is_runtime(f) and f.name not in exclude}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; a syntax error is one line naming the file, line and column."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file {path} not found") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} is unreadable: {err}") from err
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML ({problem})") from err
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping of settings at the top level")
+    return loaded
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``data["a"]["b"] = value`` for ``key = "a.b"`` (creating the nested mappings)."""
+    target = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nested = target.setdefault(part, {})
+        if not isinstance(nested, dict):
+            raise ConfigError(f"{key}: {part!r} is a value, not a section")
+        target = nested
+    target[parts[-1]] = value
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
     """Load ``cls`` from an optional YAML file, then apply overrides (``None`` values are ignored).
 
-    Override keys may be dotted (``retrieval.k``) to reach nested stage configs.
+    Override keys may be dotted (``retrieval.k``) to reach nested sections.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text(encoding="utf-8")
-        loaded = yaml.safe_load(text) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a YAML mapping at the top level")
-        data.update(loaded)
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
     for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        target = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-        target[parts[-1]] = value
+        if value is not None:
+            set_dotted(data, key, value)
     return from_dict(cls, data)
 
 

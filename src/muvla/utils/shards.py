@@ -105,3 +105,56 @@ def clean_stale_tmp(folder: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """The work units of one stage phase: where each unit's output lives and who owns it.
+
+    One helper for the unit / shard / merge protocol of every stage: a unit's output is a file
+    (``suffix`` ".npy", ".parquet") or a folder (``suffix`` ""), written atomically, so "done"
+    simply means "exists"; ``todo()`` is this process's share still to do, ``missing()`` every unit
+    not yet written by anyone (the merge waits for none to be missing).
+    """
+
+    folder: Path
+    prefix: str
+    n_units: int
+    shard: ShardSpec
+    suffix: str = ""
+
+    def path(self, unit: int) -> Path:
+        return Path(self.folder) / f"{self.prefix}-{unit:05d}{self.suffix}"
+
+    def done(self, unit: int) -> bool:
+        return self.path(unit).exists()
+
+    def todo(self, include_others: bool = False) -> list[int]:
+        """Units still to do by this process (``include_others``: also the ones other shards own,
+        after this process's own, for a main process that finishes what nobody else did)."""
+        own = [u for u in range(self.n_units) if self.shard.owns(u) and not self.done(u)]
+        if not include_others:
+            return own
+        return own + [u for u in range(self.n_units) if not self.shard.owns(u) and not self.done(u)]
+
+    def missing(self) -> list[int]:
+        return [u for u in range(self.n_units) if not self.done(u)]
+
+    def complete(self) -> bool:
+        return not self.missing()
+
+    @contextlib.contextmanager
+    def write(self, unit: int) -> Iterator[Path]:
+        """A temporary path for the unit's output, renamed into place when the block succeeds."""
+        final = self.path(unit)
+        ctx = atomic_file(final) if self.suffix else atomic_dir(final)
+        with ctx as tmp:
+            yield tmp
+
+    def waiting(self, stage: str) -> dict[str, object]:
+        """The summary of a process that cannot go on before other shards finish their units."""
+        missing = self.missing()
+        return {"stage": stage, "status": "waiting_for_shards", "phase": self.prefix,
+                "missing_units": [self.path(u).name for u in missing],
+                "note": f"{len(missing)} of {self.n_units} {self.prefix} units are not written yet; rerun "
+                        "this command (any shard) once the other shards have finished"}

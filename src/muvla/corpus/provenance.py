@@ -1,0 +1,267 @@
+"""What every stage output was built from, so a corpus never mixes generations.
+
+Each stage folder holds ``build.json``: the stage's output-changing settings, the digest of every
+input it read (upstream stage outputs, input files) and, once the stage has finished, the digest of
+its own outputs. Before doing any work a stage compares that record with what it is asked to do:
+
+- no folder yet (or an empty one): start fresh;
+- same settings, same inputs: resume (finished units are kept) or, when complete, reuse;
+- same settings, an input changed (e.g. retrieval was redone): the old outputs are stale and are
+  removed, the stage is redone, and one line says so;
+- different settings: refuse with one line naming the difference, unless ``overwrite`` is set.
+
+A consumer (the next stage, pre-training, fine-tuning) reads an upstream record with
+:func:`finished_digest`, which also checks the files still match it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from muvla.utils.config import ConfigError, setting
+from muvla.utils.shards import ShardSpec, atomic_file, resolve_shard
+
+logger = logging.getLogger(__name__)
+
+BUILD_FILE = "build.json"
+# Files up to this size are hashed whole; bigger ones (VinVL TSVs of many GB) by size + head + tail.
+FULL_HASH_LIMIT = 64 << 20
+EDGE_BYTES = 4 << 20
+
+
+def digest_bytes(*chunks: bytes) -> str:
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(len(chunk).to_bytes(8, "little"))
+        h.update(chunk)
+    return h.hexdigest()[:20]
+
+
+def digest_json(obj: Any) -> str:
+    return digest_bytes(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8"))
+
+
+def digest_file(path: Path) -> str:
+    """Content digest of an input file (size + head + tail for files above ``FULL_HASH_LIMIT``)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(size.to_bytes(8, "little"))
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_LIMIT:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(f.read(EDGE_BYTES))
+            f.seek(size - EDGE_BYTES)
+            h.update(f.read(EDGE_BYTES))
+    return h.hexdigest()[:20]
+
+
+def digest_files(paths: Iterable[Path]) -> str:
+    """One digest over several output files (names and contents, in the given order)."""
+    return digest_json([[Path(p).name, digest_file(p)] for p in paths])
+
+
+@dataclass(kw_only=True)
+class OutputPolicy:
+    """Whether a stage may replace an existing output that was built differently (every stage has it)."""
+
+    overwrite: bool = setting(False, help="replace an existing output that was built with other settings",
+                              runtime=True)
+
+
+@dataclass(kw_only=True)
+class StageRun(OutputPolicy):
+    """How a sharded stage process runs: its shard, and the output policy. Changes nothing it writes."""
+
+    shard: int | None = setting(None, help="this process's shard (default: RANK from torchrun, else 0)",
+                                runtime=True)
+    num_shards: int | None = setting(None, help="number of shards (default: WORLD_SIZE from torchrun, else 1)",
+                                     runtime=True)
+
+    def shard_spec(self) -> ShardSpec:
+        try:
+            return resolve_shard(self.shard, self.num_shards)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+
+@dataclass
+class BuildRecord:
+    """``build.json`` of one stage output folder."""
+
+    stage: str
+    settings: dict[str, Any]
+    inputs: dict[str, str] = field(default_factory=dict)  # input name -> digest
+    complete: bool = False
+    digest: str | None = None  # digest of the outputs, set when complete
+
+    def recipe(self) -> dict[str, Any]:
+        return {"stage": self.stage, "settings": self.settings, "inputs": self.inputs}
+
+    @classmethod
+    def read(cls, folder: Path) -> BuildRecord | None:
+        path = Path(folder) / BUILD_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(stage=str(data["stage"]), settings=dict(data["settings"]), inputs=dict(data["inputs"]),
+                       complete=bool(data.get("complete", False)), digest=data.get("digest"))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{path} is unreadable ({err}); delete the folder or pass --overwrite") from err
+
+    def write(self, folder: Path) -> None:
+        import muvla
+
+        with atomic_file(Path(folder) / BUILD_FILE) as tmp:
+            tmp.write_text(json.dumps({**asdict(self), "muvla_version": muvla.__version__}, indent=1,
+                                      sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}={old.get(k)!r} (this run: {new.get(k)!r})" for k in keys if old.get(k) != new.get(k)]
+
+
+@dataclass
+class StageStart:
+    """What :func:`prepare_output` decided: ``fresh``, ``resume`` or ``reuse`` (complete, same recipe)."""
+
+    status: str
+    note: str | None = None
+
+
+def prepare_output(folder: Path, record: BuildRecord, *, overwrite: bool, is_main: bool,
+                   clear: Callable[[BuildRecord | None], None], outputs: Sequence[Path] = (),
+                   work: Sequence[Path] = (), redo_on_input_change: bool = True,
+                   wait_timeout_s: float = 600.0, poll_s: float = 1.0) -> StageStart:
+    """Compare the folder's ``build.json`` with this run's recipe and act as the module docstring says.
+
+    ``clear(old_record)`` removes the stage's old outputs (it may keep parts that do not depend on
+    what changed, e.g. sentence embeddings when only the regions changed); only the main process
+    calls it, the others wait until the main process has written this run's record. ``outputs`` are
+    the final files whose digest the record holds (checked before a complete output is reused);
+    ``work`` the folders of unit parts (a folder without a record but with parts holds work of an
+    unknown generation: only the main process may decide to remove it).
+    ``redo_on_input_change=False`` refuses instead of redoing (for stages whose work is expensive and
+    whose inputs are the user's raw files, e.g. detecting regions).
+    """
+    folder = Path(folder)
+    old = BuildRecord.read(folder) if folder.is_dir() else None
+    if not is_main:
+        if old is None and not _has_work(outputs, work):  # a fresh folder: any process may start it
+            folder.mkdir(parents=True, exist_ok=True)
+            record.write(folder)
+            return StageStart("fresh")
+        return _wait_for_record(folder, record, overwrite, wait_timeout_s, poll_s)
+    folder.mkdir(parents=True, exist_ok=True)
+    start = StageStart("fresh")
+    if old is None:
+        leftovers = [Path(p).name for p in outputs if Path(p).exists()]
+        if leftovers and not overwrite:
+            raise ConfigError(f"{folder} already holds {', '.join(leftovers)} but no {BUILD_FILE}, so nothing says "
+                              "what it was built from; choose another output folder or pass --overwrite to "
+                              "replace it")
+        if _has_work(outputs, work):
+            clear(None)  # unit parts of an unknown generation must not be mixed in
+    elif old.stage != record.stage or old.settings != record.settings:
+        what = ([f"stage={old.stage!r} (this run: {record.stage!r})"] if old.stage != record.stage
+                else _differences(old.settings, record.settings))
+        if not overwrite:
+            raise ConfigError(f"{folder} was built with other settings: {'; '.join(what[:4])}; pass --overwrite "
+                              "to rebuild it (later stages are then redone), or choose another output folder")
+        clear(old)
+        start = StageStart("fresh", f"{folder}: rebuilding ({'; '.join(what[:4])})")
+    elif old.inputs != record.inputs:
+        changed = sorted(k for k in set(old.inputs) | set(record.inputs) if old.inputs.get(k) != record.inputs.get(k))
+        if not redo_on_input_change and not overwrite:
+            raise ConfigError(f"{folder} was built from other inputs ({', '.join(changed)} changed); pass "
+                              "--overwrite to rebuild it, or choose another output folder")
+        clear(old)
+        start = StageStart("fresh", f"{folder}: its input(s) {', '.join(changed)} changed since it was built; "
+                                    "redoing it")
+    elif old.complete and old.digest and all(Path(p).is_file() for p in outputs) \
+            and _output_digest(record, outputs) == old.digest:
+        return StageStart("reuse")
+    else:
+        start = StageStart("resume")
+    if start.note:
+        logger.warning(start.note)
+    record.complete, record.digest = False, None
+    record.write(folder)
+    return start
+
+
+def _has_work(outputs: Sequence[Path], work: Sequence[Path]) -> bool:
+    return any(Path(p).exists() for p in outputs) or any(Path(w).is_dir() and any(Path(w).iterdir()) for w in work)
+
+
+def _wait_for_record(folder: Path, record: BuildRecord, overwrite: bool, timeout_s: float,
+                     poll_s: float) -> StageStart:
+    """Non-main process: wait until the main process has prepared the folder for this recipe."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        old = BuildRecord.read(folder) if folder.is_dir() else None
+        if old is not None and old.recipe() == record.recipe():
+            return StageStart("reuse" if old.complete else "resume")
+        if old is not None and old.settings != record.settings and not overwrite:
+            raise ConfigError(f"{folder} was built with other settings: "
+                              f"{'; '.join(_differences(old.settings, record.settings)[:4])}; pass --overwrite")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f}s for the main process to prepare {folder}")
+        time.sleep(poll_s)
+
+
+def _output_digest(record: BuildRecord, outputs: Sequence[Path]) -> str:
+    return digest_json({"recipe": record.recipe(), "files": digest_files(outputs)})
+
+
+def finish_output(folder: Path, record: BuildRecord, outputs: Sequence[Path]) -> str:
+    """Mark the stage complete: record the digest of its final outputs. Returns the digest."""
+    record.complete = True
+    record.digest = _output_digest(record, outputs)
+    record.write(folder)
+    return record.digest
+
+
+def finished_digest(folder: Path, stage: str | Sequence[str], outputs: Sequence[Path]) -> str:
+    """The digest of a finished upstream output; one clear line when it is missing, unfinished,
+    of another kind, or modified since its stage finished."""
+    folder = Path(folder)
+    stages = (stage,) if isinstance(stage, str) else tuple(stage)
+    record = BuildRecord.read(folder) if folder.is_dir() else None
+    wanted = " or ".join(stages)
+    if record is None:
+        raise ConfigError(f"{folder} is not a finished {wanted} output (no {BUILD_FILE}): run the {wanted} "
+                          "stage first")
+    if record.stage not in stages:
+        raise ConfigError(f"{folder} holds a {record.stage} output, expected {wanted}")
+    if not record.complete:
+        raise ConfigError(f"{folder}: the {record.stage} stage has not finished (rerun it to complete it)")
+    missing = [Path(p).name for p in outputs if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"{folder}: {', '.join(missing)} missing although {BUILD_FILE} says the stage finished; "
+                          "rerun the stage")
+    if _output_digest(record, outputs) != record.digest:
+        raise ConfigError(f"{folder}: the files changed after the {record.stage} stage finished "
+                          f"({BUILD_FILE} digest differs); rerun the stage with --overwrite")
+    return str(record.digest)
+
+
+def reused_summary(folder: Path) -> dict[str, Any]:
+    """The stored ``summary.json`` of an up-to-date output, saying nothing was done this time."""
+    path = Path(folder) / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        summary = {}
+    return {**{k: (0 if k.endswith("_now") else v) for k, v in summary.items()}, "reused": True}

@@ -1,0 +1,111 @@
+"""``muvla experiment`` settings: the data, the compared models, the shared budget, the evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from muvla.experiment.recipes import RECIPES
+from muvla.phrases.stage import PhrasesSettings
+from muvla.pretraining.run import PretrainConfig
+from muvla.regions.stage import RegionsSettings
+from muvla.retrieval.stage import RetrievalSettings
+from muvla.utils.config import ConfigError, check_choices, from_dict, setting
+
+TEXT_SETTINGS = ("cc", "bc")
+DEFAULT_MODELS = ("base", "joint_unaligned", "muvla", "aligned")
+
+
+@dataclass(kw_only=True)
+class EvaluationSettings:
+    """How the held-out images are used: zero-shot retrieval through the ITM head, and a short
+    retrieval fine-tuning probe with the same budget for every model (so models whose ITM head
+    never trained still get a number that means the same thing)."""
+
+    held_out: float = setting(0.2, help="fraction of the images held out of pre-training (never seen by any model)")
+    split_seed: int = setting(0, help="seed of the train / held-out split")
+    probe_fraction: float = setting(0.5, help="part of the held-out images that trains the probe; the rest tests "
+                                              "both the probe and zero-shot retrieval")
+    max_images: int = setting(100, help="test images scored (zero-shot and probe): n images x n captions pairs")
+    captions_per_image: int = setting(1, help="captions per test image in the retrieval candidates")
+    probe_steps: int = setting(60, help="fine-tuning steps of the retrieval probe")
+    probe_batch_size: int = setting(8, help="batch size of the retrieval probe")
+    probe_lr: float = setting(5e-5, help="learning rate of the retrieval probe")
+    max_text_len: int = setting(32, help="tokens per caption when evaluating and probing")
+    batch_size: int = setting(64, help="pairs per batch when scoring", runtime=True)
+
+    def validate(self) -> None:
+        if not 0.0 < self.held_out < 1.0:
+            raise ConfigError(f"evaluation.held_out must be in (0, 1), got {self.held_out}")
+        if not 0.0 <= self.probe_fraction < 1.0:
+            raise ConfigError(f"evaluation.probe_fraction must be in [0, 1), got {self.probe_fraction}")
+        for name in ("max_images", "captions_per_image", "probe_batch_size", "max_text_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"evaluation.{name} must be >= 1, got {getattr(self, name)}")
+        if self.probe_steps < 0 or self.probe_lr <= 0:
+            raise ConfigError("evaluation.probe_steps must be >= 0 and probe_lr > 0")
+
+
+@dataclass
+class ExperimentConfig:
+    """``muvla experiment``: build each corpus once, pre-train every compared model with the same
+    budget and seeds, evaluate all of them the same way on held-out images."""
+
+    out: Path = setting(help="experiment folder: results.md, results.csv, plots/, report.html and every run")
+    images: Path = setting(help="folder of the experiment's images (split into training and held-out images)")
+    captions: Path = setting(help="COCO captions JSON of those images: used ONLY for evaluation, the aligned "
+                                  "baselines and (text setting cc) to hide the training images' captions in the pool")
+    pool: list[Path] = setting(default_factory=list,
+                               help="text corpora: cc = captions of other images, in which the training images' own "
+                                    "captions are hidden (unpaired); bc = text never written for these images")
+    text_setting: str = setting("cc", choices=TEXT_SETTINGS, help="cc or bc (METHOD §0)")
+    models: list[str] = setting(default_factory=lambda: list(DEFAULT_MODELS), choices=tuple(RECIPES),
+                                help="compared models")
+    seeds: list[int] = setting(default_factory=lambda: [0, 1, 2], help="pre-training seeds of every model")
+    regions: RegionsSettings = setting(default_factory=RegionsSettings, help="regions stage settings (images is set)")
+    retrieval: RetrievalSettings = setting(default_factory=RetrievalSettings, help="retrieval stage settings")
+    phrases: PhrasesSettings = setting(default_factory=PhrasesSettings, help="phrases stage settings")
+    pretrain: dict[str, Any] = setting(default_factory=dict,
+                                       help="pre-training settings shared by every model (any muvla pretrain setting, "
+                                            "e.g. --set pretrain.max_steps=300)")
+    evaluation: EvaluationSettings = setting(default_factory=EvaluationSettings, help="evaluation settings")
+    report: bool = setting(True, help="write report.html at the end", runtime=True)
+
+    def validate(self) -> None:
+        check_choices(self, "experiment")
+        if not Path(self.images).is_dir():
+            raise ConfigError(f"experiment: image folder {self.images} not found")
+        if not Path(self.captions).is_file():
+            raise ConfigError(f"experiment: captions file {self.captions} not found")
+        for path in self.pool:
+            if not Path(path).is_file():
+                raise ConfigError(f"experiment: text file {path} not found")
+        if self.text_setting == "bc" and not self.pool:
+            raise ConfigError("experiment: text setting bc needs a text corpus (pool)")
+        if not self.models or len(set(self.models)) != len(self.models):
+            raise ConfigError(f"experiment: models must be distinct, got {self.models}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"experiment: seeds must be distinct, got {self.seeds}")
+        dataclasses.replace(self.regions, images=Path(self.images)).validate()  # the split folders replace images
+        self.retrieval.validate()
+        self.phrases.validate()
+        self.evaluation.validate()
+        self.pretrain_config("base", Path(self.out) / "check", None, 0)  # the shared settings are valid
+        if self.regions.backend == "coco-instances" and self.regions.coco_instances is None:
+            raise ConfigError("experiment: the coco-instances backend needs regions.coco_instances")
+
+    def pretrain_config(self, model: str, out: Path, corpus: Path | None, seed: int) -> PretrainConfig:
+        """The pre-training config of one compared model: the shared settings + the recipe."""
+        recipe = RECIPES[model]
+        reserved = {"out", "corpus", "mode", "tasks", "k", "seed", "retrieval", "phrases", "resume"}
+        clash = sorted(reserved & set(self.pretrain))
+        if clash:
+            raise ConfigError(f"experiment: pretrain.{clash[0]} is set by the experiment for each model")
+        values = {**self.pretrain, "out": out, "corpus": corpus, "mode": recipe.mode, "tasks": list(recipe.tasks),
+                  "k": recipe.k, "seed": seed}
+        return from_dict(PretrainConfig, values, where="pretrain")
+
+    def section_values(self, section: Any) -> dict[str, Any]:
+        return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}

@@ -1,0 +1,351 @@
+"""``muvla experiment``: does pre-training on a weakly aligned corpus give a better model?
+
+One command, any data. The images are split once into training and held-out images (recorded in
+``split.json``); nothing of the held-out images (regions, captions) ever reaches pre-training. Then:
+
+1. corpora, each built once: the training images' regions, the text (``cc``: a caption pool with the
+   training images' own captions hidden in it, unpaired; ``bc``: text never written for them), and
+   one pairing per compared model family (retrieved, random, ground truth, a ratio of both);
+2. every compared model is pre-trained with the same initialisation, steps, batch size and seeds;
+3. every model is evaluated the same way on held-out images: zero-shot retrieval through the ITM
+   head, and a short retrieval fine-tuning probe (same budget for all) on other held-out images;
+4. ``results.csv`` (one row per model and seed), ``results.md`` (mean and spread over seeds), plots
+   and a section in ``report.html``.
+
+Each step writes its own folder and is skipped when it is already complete, so a killed experiment,
+restarted, redoes only what had not finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from muvla.corpus.build import CorpusConfig, finished, run_corpus, run_everywhere
+from muvla.corpus.layout import CorpusLayout, TextOutput
+from muvla.experiment.config import ExperimentConfig
+from muvla.experiment.recipes import RECIPES, ModelRecipe
+from muvla.phrases.stage import PhrasesConfig, run_phrases
+from muvla.regions.images import list_images
+from muvla.regions.stage import RegionsConfig, RegionsSettings, run_regions
+from muvla.retrieval.pairs import PairsConfig, run_pairs
+from muvla.text.stage import TextSettings
+from muvla.utils.config import ConfigError, save_config
+from muvla.utils.shards import atomic_file, resolve_shard
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExperimentLayout:
+    """Where every part of an experiment lives (one folder per step, so each can be resumed)."""
+
+    root: Path
+
+    @property
+    def split(self) -> Path:
+        return self.root / "split"
+
+    def images(self, part: str) -> Path:
+        return self.split / "images" / part
+
+    def captions(self, part: str) -> Path:
+        return self.split / f"captions_{part}.json"
+
+    @property
+    def eval_regions(self) -> Path:
+        return self.root / "eval_regions"
+
+    def corpus(self, name: str) -> Path:
+        return self.root / "corpora" / name
+
+    def model(self, model: str, seed: int) -> Path:
+        return self.root / "models" / model / f"seed-{seed}"
+
+
+# ---------------------------------------------------------------------------------------------- split
+
+
+def _read_captions(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"experiment: {path} is not a readable COCO captions JSON ({err})") from err
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list) \
+            or not isinstance(data.get("images"), list):
+        raise ConfigError(f"experiment: {path} is not a COCO captions JSON (needs 'images' and 'annotations')")
+    return data
+
+
+def _subset(data: dict[str, Any], stems: set[str], per_image: int | None = None) -> dict[str, Any]:
+    """The captions JSON restricted to images whose file stem is in ``stems`` (optionally the first
+    ``per_image`` captions of each)."""
+    images = [im for im in data["images"] if Path(str(im["file_name"])).stem in stems]
+    ids = {im["id"] for im in images}
+    anns, count = [], {}
+    for ann in data["annotations"]:
+        if ann.get("image_id") in ids and (per_image is None or count.get(ann["image_id"], 0) < per_image):
+            count[ann["image_id"]] = count.get(ann["image_id"], 0) + 1
+            anns.append(ann)
+    return {"images": images, "annotations": anns}
+
+
+def make_split(cfg: ExperimentConfig, layout: ExperimentLayout) -> dict[str, list[str]]:
+    """Split the images with captions into train / probe_train / probe_test (recorded, reused)."""
+    path = layout.split / "split.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    data = _read_captions(cfg.captions)
+    captioned = {Path(str(im["file_name"])).stem for im in data["images"]}
+    files = {p.stem: p for p in list_images(cfg.images)}
+    stems = sorted(captioned & set(files))
+    if len(stems) < 10:
+        raise ConfigError(f"experiment: only {len(stems)} images of {cfg.images} have captions in {cfg.captions}")
+    ev = cfg.evaluation
+    order = [stems[i] for i in np.random.default_rng(ev.split_seed).permutation(len(stems))]
+    n_held = max(2, int(round(ev.held_out * len(stems))))
+    held, train = sorted(order[:n_held]), sorted(order[n_held:])
+    n_probe = int(round(ev.probe_fraction * len(held)))
+    probe_train, probe_test = held[:n_probe], held[n_probe:][: ev.max_images]
+    split = {"train": train, "probe_train": probe_train, "probe_test": probe_test,
+             "unused_held_out": held[n_probe + len(probe_test):]}
+    for part, members in (("train", train), ("eval", probe_train + probe_test)):
+        folder = layout.images(part)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stem in members:
+            link = folder / files[stem].name
+            if not link.exists():
+                os.symlink(files[stem].resolve(), link)
+    for part in ("train", "probe_train"):
+        _write_json(layout.captions(part), _subset(data, set(split[part])))
+    _write_json(layout.captions("probe_test"), _subset(data, set(probe_test), ev.captions_per_image))
+    _write_json(path, split)
+    return split
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+
+
+def _instances_subset(cfg: ExperimentConfig, layout: ExperimentLayout, part: str, stems: set[str]) -> Path:
+    """The coco-instances oracle restricted to one split (so no held-out box reaches pre-training)."""
+    data = json.loads(Path(cfg.regions.coco_instances).read_text(encoding="utf-8"))
+    images = [im for im in data["images"] if Path(str(im["file_name"])).stem in stems]
+    ids = {im["id"] for im in images}
+    out = layout.split / f"instances_{part}.json"
+    if not out.is_file():
+        _write_json(out, {**data, "images": images, "annotations": [a for a in data["annotations"]
+                                                                     if a["image_id"] in ids]})
+    return out
+
+
+def _regions_settings(cfg: ExperimentConfig, layout: ExperimentLayout, part: str, stems: set[str]) -> RegionsSettings:
+    values = cfg.section_values(cfg.regions)
+    values["images"] = layout.images(part)
+    if cfg.regions.coco_instances is not None:
+        values["coco_instances"] = _instances_subset(cfg, layout, part, stems)
+    return RegionsSettings(**values)
+
+
+# ---------------------------------------------------------------------------------------------- corpora
+
+
+def build_corpora(cfg: ExperimentConfig, layout: ExperimentLayout, split: dict[str, list[str]]) -> dict[str, Path]:
+    """The retrieved corpus (regions, text, retrieval, phrases) and one corpus per baseline pairing,
+    sharing its regions and text; returns corpus name -> folder."""
+    shard = resolve_shard()
+    main = layout.corpus("retrieval")
+    text = [*cfg.pool, layout.captions("train")] if cfg.text_setting == "cc" else list(cfg.pool)
+    run_corpus(CorpusConfig(out=main, regions=_regions_settings(cfg, layout, "train", set(split["train"])),
+                            text=TextSettings(corpus=text), retrieval=cfg.retrieval, phrases=cfg.phrases, report=False))
+    corpora = {"retrieval": main}
+    for recipe in {RECIPES[m].corpus: RECIPES[m] for m in cfg.models if RECIPES[m].pairing not in ("none", "retrieval")
+                   }.values():
+        corpora[recipe.corpus] = _pairing_corpus(cfg, layout, recipe, main, shard)
+    return corpora
+
+
+def _pairing_corpus(cfg: ExperimentConfig, layout: ExperimentLayout, recipe: ModelRecipe, main: Path,
+                    shard: Any) -> Path:
+    """A baseline corpus: the same regions; the same text (bc + aligned pairs: the text plus the
+    training captions, which the pairs need); the pairing from ``muvla pairs``; its phrases."""
+    root = layout.corpus(recipe.corpus)
+    root.mkdir(parents=True, exist_ok=True)
+    _link(root / "regions", main / "regions")
+    needs_captions = recipe.pairing in ("aligned", "aligned_ratio") and cfg.text_setting == "bc"
+    if needs_captions:
+        from muvla.text.stage import TextConfig, run_text
+
+        text_cfg = TextConfig(out=root / "text", corpus=[*cfg.pool, layout.captions("train")])
+        run_everywhere(run_text, text_cfg, shard, sharded=False, timeout_s=7 * 24 * 3600)
+    else:
+        _link(root / "text", main / "text")
+    mode = "aligned_ratio" if recipe.pairing == "aligned_ratio" else recipe.pairing
+    pairs = PairsConfig(out=root / "retrieval", regions=root / "regions", text=root / "text", mode=mode,
+                        captions=layout.captions("train") if mode != "random" else None,
+                        p=recipe.p if recipe.p is not None else 1.0, k=cfg.retrieval.k, seed=0)
+    run_everywhere(run_pairs, pairs, shard, sharded=False, timeout_s=7 * 24 * 3600)
+    phrases = PhrasesConfig(out=root / "phrases", retrieval=root / "retrieval", regions=root / "regions",
+                            text=root / "text", **cfg.section_values(cfg.phrases))
+    run_everywhere(run_phrases, phrases, shard, sharded=True, timeout_s=7 * 24 * 3600)
+    return root
+
+
+def _link(link: Path, target: Path) -> None:
+    if link.is_symlink() or link.exists():
+        return
+    os.symlink(target.resolve(), link, target_is_directory=True)
+
+
+def corpus_quality(cfg: ExperimentConfig, layout: ExperimentLayout, corpora: dict[str, Path]) -> dict[str, Any]:
+    """How often the retrieved pairs hold one of the image's true captions (cc only: in bc the text
+    was never written for these images), and how much of the text was used."""
+    corpus = CorpusLayout.at(corpora["retrieval"])
+    topk = corpus.retrieval.read_topk()
+    pairs = topk.by_image()
+    out: dict[str, Any] = {"images": len(pairs), "pairs": len(topk),
+                           "distinct_sentences": int(len(set(topk.sentence_id.tolist())))}
+    if cfg.text_setting != "cc":
+        return out
+    data = _read_captions(layout.captions("train"))
+    stems = {im["id"]: Path(str(im["file_name"])).stem for im in data["images"]}
+    own: dict[str, set[str]] = {}
+    for ann in data["annotations"]:
+        own.setdefault(stems.get(ann["image_id"], ""), set()).add(" ".join(str(ann["caption"]).split()))
+    texts = TextOutput(corpus.text.root).texts(topk.sentence_id.tolist())
+    hit_any = hit_first = 0
+    for image, ranked in pairs.items():
+        found = [texts[sid] in own.get(image, set()) for _, sid in ranked]
+        hit_any += any(found)
+        hit_first += bool(found and found[0])
+    out.update(own_caption_at_1=hit_first / max(len(pairs), 1), own_caption_at_k=hit_any / max(len(pairs), 1),
+               k=cfg.retrieval.k)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def pretrain_model(cfg: ExperimentConfig, layout: ExperimentLayout, model: str, seed: int,
+                   corpora: dict[str, Path]) -> dict[str, Any]:
+    """Pre-train one model (skipped when its model folder is complete; resumed after a kill)."""
+    from muvla.pretraining.run import run_pretrain
+
+    out = layout.model(model, seed)
+    summary_path = out / "summary.json"
+    if (out / "model" / "model.safetensors").is_file() and summary_path.is_file():
+        return json.loads(summary_path.read_text(encoding="utf-8"))
+    recipe = RECIPES[model]
+    corpus = corpora["retrieval"] if recipe.pairing == "none" else corpora[recipe.corpus]
+    pcfg = cfg.pretrain_config(model, out, corpus, seed)
+    pcfg.resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    return run_pretrain(pcfg)
+
+
+def evaluate_model(cfg: ExperimentConfig, layout: ExperimentLayout, model: str, seed: int) -> dict[str, Any]:
+    """Zero-shot retrieval of the probe-test images through the model's ITM head."""
+    from muvla.tasks.evaluate import EvaluateConfig, run_evaluate
+
+    out = layout.model(model, seed) / "zero_shot"
+    if (out / "results.json").is_file() and (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text(encoding="utf-8"))["metrics"]
+    ev = cfg.evaluation
+    ecfg = EvaluateConfig(out=out, task="retrieval", model=str(layout.model(model, seed)), regions=layout.eval_regions,
+                          captions=layout.captions("probe_test"), max_text_len=ev.max_text_len,
+                          batch_size=ev.batch_size, model_name=model, device="auto")
+    return run_evaluate(ecfg)["metrics"]
+
+
+def probe_model(cfg: ExperimentConfig, layout: ExperimentLayout, model: str, seed: int) -> dict[str, Any]:
+    """Retrieval fine-tuning on the probe-train images, tested on the probe-test images."""
+    from muvla.tasks.finetune import FinetuneConfig, run_finetune
+
+    out = layout.model(model, seed) / "probe"
+    if (out / "results.json").is_file() and (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text(encoding="utf-8"))["val_metrics"]
+    ev = cfg.evaluation
+    resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    fcfg = FinetuneConfig(out=out, task="retrieval", train=[layout.captions("probe_train")],
+                          val=[layout.captions("probe_test")], regions=layout.eval_regions,
+                          model=str(layout.model(model, seed)), max_steps=max(ev.probe_steps, 1),
+                          batch_size=ev.probe_batch_size, lr=ev.probe_lr, seed=seed, max_text_len=ev.max_text_len,
+                          eval_batch_size=ev.batch_size, model_name=model, plot=False, resume=resume,
+                          save_every=max(ev.probe_steps, 1), log_every=max(1, ev.probe_steps // 5), device="auto")
+    return run_finetune(fcfg)["val_metrics"]
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
+    from muvla.experiment.results import write_results
+    from muvla.training.distributed import barrier, is_main
+
+    cfg.validate()
+    start = time.perf_counter()
+    layout = ExperimentLayout(Path(cfg.out))
+    shard = resolve_shard()
+    if shard.is_main:
+        save_config(cfg, layout.root, inputs={"images": cfg.images, "captions": cfg.captions, "pool": cfg.pool})
+        make_split(cfg, layout)
+    else:
+        while not (layout.split / "split.json").is_file():
+            time.sleep(2.0)
+    split = json.loads((layout.split / "split.json").read_text(encoding="utf-8"))
+    eval_regions = RegionsConfig(out=layout.eval_regions, **cfg.section_values(
+        _regions_settings(cfg, layout, "eval", set(split["probe_train"]) | set(split["probe_test"]))))
+    run_everywhere(run_regions, eval_regions, shard, sharded=True, timeout_s=7 * 24 * 3600)
+    corpora = build_corpora(cfg, layout, split)
+    runs: list[dict[str, Any]] = []
+    for model in cfg.models:
+        for seed in cfg.seeds:
+            t0 = time.perf_counter()
+            pretrain = pretrain_model(cfg, layout, model, seed, corpora)
+            seconds = time.perf_counter() - t0
+            row: dict[str, Any] = {"model": model, "seed": seed, "pretrain": pretrain}
+            if is_main():
+                row["zero_shot"] = evaluate_model(cfg, layout, model, seed)
+            barrier()
+            row["probe"] = probe_model(cfg, layout, model, seed) if cfg.evaluation.probe_steps > 0 else {}
+            row["pretrain_seconds"] = round(seconds, 1)
+            runs.append(row)
+            barrier()
+    if not is_main():
+        return {"out": str(layout.root), "rank": shard.rank}
+    quality = corpus_quality(cfg, layout, corpora)
+    summary = write_results(cfg, layout.root, runs, quality, split)
+    if cfg.report:
+        from muvla.report.html import write_report
+
+        summary["report"] = str(write_report(layout.root))
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    with atomic_file(layout.root / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    return summary
+
+
+def describe(summary: dict[str, Any]) -> list[str]:
+    """The short ending of ``muvla experiment``: the headline table and where everything is."""
+    if "table" not in summary:
+        return [f"experiment: rank {summary.get('rank')} done"]
+    lines = [f"muvla experiment finished in {summary.get('seconds')} s ({summary['n_train_images']} training images, "
+             f"{summary['n_test_images']} held-out test images, seeds {summary['seeds']})", summary["table"]]
+    for sentence in summary.get("findings", []):
+        lines.append(f"- {sentence}")
+    lines.append(f"details: {summary['results_md']} and {summary['results_csv']}")
+    if summary.get("report"):
+        lines.append(f"Open the report: {summary['report']}")
+    return lines
+
+
+__all__ = ["ExperimentConfig", "ExperimentLayout", "corpus_quality", "describe", "finished", "make_split",
+           "run_experiment"]
