@@ -117,3 +117,21 @@ def test_malformed_yaml_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{bad}:2:" in err and "invalid YAML" in err
+
+
+def test_a_non_json_captions_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    from muvla.corpus.regions import ImageRegions
+    from muvla.corpus.synthetic import write_region_store
+
+    store = write_region_store(tmp_path / "regions", [ImageRegions(
+        "a", "a.jpg", 10, 10, np.array([[0, 0, 5, 5]], np.float32), ["dog"], np.ones(1, np.float32),
+        np.zeros(1, np.int32), np.zeros((1, 1280), np.float16))])
+    bad = tmp_path / "captions.json"
+    bad.write_text("{not json", encoding="utf-8")
+    code = main(["evaluate", "--task", "retrieval", "--captions", str(bad), "--regions", str(store),
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and "JSON" in err

@@ -34,8 +34,19 @@ def test_held_out_captions_name_the_sample_images_by_file_stem() -> None:
 
 
 @pytest.mark.slow
-def test_demo_runs_every_stage_and_reports(tmp_path: Path) -> None:
+def test_demo_runs_every_stage_and_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import muvla.tasks.retrieval as retrieval_task
+
+    bars: list[str] = []
+    real_progress = retrieval_task.progress
+
+    def named_progress(items, desc, **kw):
+        bars.append(desc)
+        return real_progress(items, desc, **kw)
+
+    monkeypatch.setattr(retrieval_task, "progress", named_progress)
     result = run_demo(DemoConfig(out=tmp_path / "demo", max_regions=4, pretrain_steps=2, batch_size=4))
+    assert bars == ["score image-caption pairs [base]", "score image-caption pairs [muvla]"]  # which model is scored
     out = tmp_path / "demo"
     for marker in ("regions/index.parquet", "retrieval/topk.parquet", "phrases/matches.parquet",
                    "pretrain/model/model.safetensors", "pretrain/metrics.jsonl", "evaluation/table.md"):

@@ -386,3 +386,34 @@ def test_report_module_cli_and_tmp_summaries_ignored(tmp_path: Path, capsys: pyt
     assert exc.value.code == 2
     assert "does not exist" in capsys.readouterr().err
 
+
+def test_report_shows_every_loss_counts_as_integers_tables_and_evaluations_anywhere(tmp_path: Path) -> None:
+    from muvla.training.plots import curve_panels
+
+    rows = [{"step": s, "loss": 3.0, "loss_rt": 1.0, "loss_rt_mlm": 0.5, "loss_rt_mrc": 0.3, "loss_rn": 1.0,
+             "loss_rn_pmrtc": 0.4, "loss_is": 1.0, "loss_is_itm": 0.7, "itm_acc": 0.5, "lr": 1e-4} for s in (1, 2)]
+    panels = dict(curve_panels(rows))
+    assert panels["loss_rt"] == ["loss_rt", "loss_rt_mlm", "loss_rt_mrc"] and "loss_rn_pmrtc" in panels["loss_rn"]
+    assert {"loss", "loss_is", "itm_acc", "lr"} <= set(panels)
+
+    run = make_run(tmp_path)
+    elsewhere = run / "runs" / "zs"  # an evaluation written outside <run>/evaluation
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "summary.json").write_text(json.dumps(
+        {"stage": "evaluate", "task": "retrieval", "model": "m", "metrics": {"n_images": 13.0, "mean_recall": 0.25}}))
+    (run / "evaluation").mkdir()
+    (run / "evaluation" / "table.md").write_text("| model | Retrieval mR | Meta-Ave |\n|---|---:|---:|\n"
+                                                 "| muvla | 25.0 | 25.0 |\n")
+    page = write_report(run).read_text(encoding="utf-8")
+    assert "runs/zs" in page and "n_images 13," in page and "13.000" not in page
+    assert "Meta-Ave table" in page and "<td>muvla</td><td>25.0</td>" in page
+    assert page.count("[1] ") >= 1 and page.count(">demo<") <= 1  # the source is named once, then referred to
+
+
+def test_report_draws_the_top_boxes_and_a_toggle_for_all(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    page = write_report(run, max_boxes=1).read_text(encoding="utf-8")
+    b = card_html(page, "img_b")  # 3 boxes, scores 0.88, 0.5, 0.42
+    assert b.count('<g class="reg"') == 1 and b.count('<g class="reg extra"') == 2
+    assert 'class="allboxes"' in b and "all boxes (3)" in b
+    assert '<g class="reg" id="c1-r0"' in b  # the highest-scored box is the one drawn

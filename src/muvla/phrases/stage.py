@@ -21,6 +21,7 @@ reports ``waiting_for_shards`` and a rerun continues.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -58,6 +59,9 @@ class PhrasesSettings:
     tokenizer: str = setting("default", help="WordPiece tokenizer whose token spans pre-training uses")
     unit_size: int = setting(512, help="sentences (parse units) or images (match units) per work unit")
     strings_unit_size: int = setting(20_000, help="distinct tags and phrases per embedding unit")
+    encoder_backend: str = setting("auto", choices=encoders.BACKENDS,
+                                   help="auto: ONNX Runtime on CPU when installed, else PyTorch (fp16 on CUDA); "
+                                        "the backend used is recorded, and a rerun must use the same one")
     batch_size: int = setting(256, help="texts per spaCy / encoder batch", runtime=True)
     device: str = setting("cpu", help="device of the sentence encoder (cpu, cuda)", runtime=True)
 
@@ -216,7 +220,8 @@ def _strings_phase(cfg: PhrasesSettings, plan: UnitPlan, strings: list[str], inc
         if plan.done(u):  # another process finished it meanwhile
             continue
         start, stop = ranges[u]
-        emb = encoders.encode(strings[start:stop], batch_size=cfg.batch_size, model=cfg.model, device=cfg.device)
+        emb = encoders.encode(strings[start:stop], batch_size=cfg.batch_size, model=cfg.model, device=cfg.device,
+                              backend=cfg.encoder_backend)
         with plan.write(u) as tmp, open(tmp, "wb") as f:
             np.save(f, emb.astype(np.float32))
         encoded += stop - start
@@ -251,7 +256,10 @@ def run_phrases(cfg: PhrasesConfig) -> dict[str, Any]:
     retrieval, output = RetrievalOutput(Path(cfg.retrieval)), PhrasesOutput(Path(cfg.out))
     regions, text = cfg.resolved_inputs()
     inputs = {"retrieval": retrieval.digest(), "regions": regions.digest(), "text": text.digest()}
-    record = BuildRecord("phrases", output_settings(cfg, exclude=("out", "retrieval", "regions", "text")), inputs)
+    settings = output_settings(cfg, exclude=("out", "retrieval", "regions", "text"))
+    settings["encoder_backend"] = encoders.get_encoder(cfg.model, cfg.device, cfg.encoder_backend).backend
+    cfg = dataclasses.replace(cfg, encoder_backend=settings["encoder_backend"])  # the backend that really runs
+    record = BuildRecord("phrases", settings, inputs)
 
     def clear(_old: BuildRecord | None) -> None:
         for path in (*output.outputs(), output.root / "summary.json"):
@@ -285,7 +293,6 @@ def run_phrases(cfg: PhrasesConfig) -> dict[str, Any]:
     strings = _distinct_strings(phrases_of, work)
     strings_plan = UnitPlan(output.parts, "strings", len(unit_ranges(len(strings), cfg.strings_unit_size)), shard,
                             ".npy")
-    encoders.load_sentence_encoder(cfg.model, cfg.device)
     summary["strings_encoded_now"] = _strings_phase(cfg, strings_plan, strings, include_others=shard.is_main)
     summary["encode_seconds"] = round(time.time() - t0, 3)
     if not strings_plan.complete():

@@ -17,6 +17,7 @@ Steps:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -64,6 +65,9 @@ class RetrievalSettings:
                                              "tag always stays); 0 keeps all (the reference recipe)")
     exclude_sentence_ids: Path | None = setting(None, help="text file, one sentence id per line, never retrieved "
                                                            "(e.g. the images' own captions)")
+    encoder_backend: str = setting("auto", choices=encoders.BACKENDS,
+                                   help="auto: ONNX Runtime on CPU when installed, else PyTorch (fp16 on CUDA); "
+                                        "the backend used is recorded, and a rerun must use the same one")
     encode_batch_size: int = setting(128, help="sentences per encoder batch", runtime=True)
     query_batch_size: int = setting(500, help="queries encoded and searched per batch", runtime=True)
     device: str = setting("cpu", help="device of the sentence encoder (cpu, cuda)", runtime=True)
@@ -143,7 +147,8 @@ def read_exclusions(path: Path | None, n_sentences: int) -> np.ndarray:
 
 def embedding_meta(cfg: RetrievalSettings, n_sentences: int, text_digest: str) -> dict[str, Any]:
     """What the sentence embedding units depend on (they are kept when only other inputs change)."""
-    return {"model": cfg.model, "unit_size": cfg.unit_size, "n_sentences": n_sentences, "text": text_digest}
+    return {"model": cfg.model, "encoder_backend": cfg.encoder_backend, "unit_size": cfg.unit_size,
+            "n_sentences": n_sentences, "text": text_digest}
 
 
 def _read_json(path: Path) -> Any:
@@ -162,12 +167,12 @@ def encode_units(cfg: RetrievalSettings, plan: UnitPlan, text: TextOutput, n: in
     texts: list[str] = []
     if todo:
         texts = text.all_texts()  # only when there is something to encode (waiting shards rerun often)
-        encoders.load_sentence_encoder(cfg.model, cfg.device)  # load outside the timed loop
+        encoders.get_encoder(cfg.model, cfg.device, cfg.encoder_backend)  # load (export) outside the timed loop
     t0 = time.time()
     for u in progress(todo, desc="encode sentences", unit="unit"):
         start, stop = ranges[u]
         emb = encoders.encode(texts[start:stop], batch_size=cfg.encode_batch_size, model=cfg.model,
-                              device=cfg.device)
+                              device=cfg.device, backend=cfg.encoder_backend)
         with plan.write(u) as tmp, open(tmp, "wb") as f:
             np.save(f, emb.astype(np.float16))
         encoded += stop - start
@@ -271,7 +276,8 @@ def _search(cfg: RetrievalSettings, index: Any, index_ids: np.ndarray, queries: 
     batches = range(0, len(unique), cfg.query_batch_size)
     for start in progress(batches, desc="retrieve sentences", total=len(batches), unit="batch"):
         chunk = unique[start:start + cfg.query_batch_size]
-        q_emb = encoders.encode(chunk, batch_size=cfg.encode_batch_size, model=cfg.model, device=cfg.device)
+        q_emb = encoders.encode(chunk, batch_size=cfg.encode_batch_size, model=cfg.model, device=cfg.device,
+                                backend=cfg.encoder_backend)
         d, i = index.search(q_emb, k)
         labels[start:start + len(chunk)] = i
         scores[start:start + len(chunk)] = d
@@ -313,8 +319,10 @@ def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
     inputs = {"regions": regions.digest(), "text": text.digest()}
     if cfg.exclude_sentence_ids is not None:
         inputs["exclude_sentence_ids"] = digest_file(Path(cfg.exclude_sentence_ids))
-    record = BuildRecord("retrieval", output_settings(cfg, exclude=("out", "regions", "text", "exclude_sentence_ids")),
-                         inputs)
+    settings = output_settings(cfg, exclude=("out", "regions", "text", "exclude_sentence_ids"))
+    settings["encoder_backend"] = encoders.get_encoder(cfg.model, cfg.device, cfg.encoder_backend).backend
+    cfg = dataclasses.replace(cfg, encoder_backend=settings["encoder_backend"])  # the backend that really runs
+    record = BuildRecord("retrieval", settings, inputs)
     emb_meta = embedding_meta(cfg, n, inputs["text"])
     emb_meta_path = output.embeddings / "meta.json"
 
@@ -360,7 +368,7 @@ def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
     set_search_params(index, cfg.nprobe, k)
 
     queries = _make_queries(*confident_region_tags(regions, cfg.min_tag_score), cfg.query_mode)
-    encoders.load_sentence_encoder(cfg.model, cfg.device)  # load outside the timed loop
+    encoders.get_encoder(cfg.model, cfg.device, cfg.encoder_backend)  # load outside the timed loop
     t0 = time.time()
     topk = _search(cfg, index, index_ids, queries, k)
     query_seconds = time.time() - t0

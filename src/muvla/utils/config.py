@@ -79,7 +79,7 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expects a mapping of {annotation.__name__} fields, got {value!r}")
-        return from_dict(annotation, value, where=name)
+        return from_dict(annotation, value, where=name, validate=False)  # the owner's validate() checks it
     if origin in (list, tuple):
         if isinstance(value, (str, Path)):
             value = [value]
@@ -134,10 +134,12 @@ def check_choices(obj: Any, where: str = "") -> None:
         _check_choices(getattr(obj, f.name), field_choices(f), prefix + f.name)
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "", validate: bool = True) -> T:
     """Build dataclass ``cls`` from a dict: unknown keys and bad values are one-line errors.
 
-    ``where`` is the dotted path of a nested section (for messages such as ``retrieval.k``).
+    ``where`` is the dotted path of a nested section (for messages such as ``retrieval.k``); a
+    nested section is type-checked here and validated by its owner's ``validate()`` (which knows,
+    e.g., that the experiment sets the regions' image folder itself).
     """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -157,9 +159,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise ConfigError(f"{cls.__name__}: missing required value(s) {', '.join(prefix + m for m in missing)} "
                           f"(flags {flags} or YAML keys)")
     obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        validate()
+    check = getattr(obj, "validate", None)
+    if validate and callable(check):
+        check()
     return obj
 
 
