@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_PIN)
 	$(PIP) install --quiet -e .
+	$(PY) -m muvla.regions.weights --optional
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

@@ -85,7 +85,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out).resolve()
     save_config(cfg, out / "demo", inputs={"images": list(SAMPLE_IMAGES), "corpus": str(demo_captions_path())})
     write_sample_images(out / "images")
-    corpus_cfg = CorpusConfig(out=out, regions=RegionsSettings(images=out / "images", max_regions=cfg.max_regions),
+    regions = RegionsSettings(backend="auto", images=out / "images", max_regions=cfg.max_regions)
+    corpus_cfg = CorpusConfig(out=out, regions=regions,
                               text=TextSettings(corpus=[demo_captions_path()]), report=False)
     result = run_corpus(corpus_cfg)
     if cfg.pretrain_steps:

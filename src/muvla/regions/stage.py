@@ -8,6 +8,7 @@ last one to finish), so outputs never depend on the number of processes or on in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections import Counter
@@ -27,7 +28,7 @@ from muvla.corpus.provenance import (
     prepare_output,
     reused_summary,
 )
-from muvla.corpus.regions import RegionPartWriter, merge_region_parts, read_rejected
+from muvla.corpus.regions import ImageRegions, RegionPartWriter, merge_region_parts, read_rejected
 from muvla.regions.detector import (
     ButdBackend,
     CocoInstancesBackend,
@@ -37,13 +38,16 @@ from muvla.regions.detector import (
     VinVLBackend,
 )
 from muvla.regions.images import RejectedImage
+from muvla.regions.object_regions import ObjectDetectorBackend
 from muvla.regions.proposals import ProposalConfig
 from muvla.utils.config import ConfigError, check_choices, output_settings, save_config, setting
 from muvla.utils.progress import progress
 from muvla.utils.shards import UnitPlan, atomic_file, clean_stale_tmp, unit_ranges
 
-BACKENDS = ("detector", "coco-instances", "vinvl-tsv", "butd-tsv")
-INPUT_FIELDS = ("images", "coco_instances", "vinvl_features", "vinvl_predictions", "butd_tsv", "weights")
+BACKENDS = ("detector", "coco-instances", "vinvl-tsv", "butd-tsv", "centernet", "transformers", "auto")
+IMAGE_BACKENDS = ("detector", "coco-instances", "centernet", "transformers", "auto")
+INPUT_FIELDS = ("images", "coco_instances", "vinvl_features", "vinvl_predictions", "butd_tsv", "weights",
+                "vocabulary", "tag_words")
 
 
 @dataclass(kw_only=True)
@@ -51,7 +55,9 @@ class RegionsSettings:
     """What the regions stage computes and from which inputs (see docs/DESIGN.md "regions")."""
 
     backend: str = setting("detector", choices=BACKENDS,
-                           help="detector: offline proposals + ImageNet tags; coco-instances: ground-truth COCO "
+                           help="detector: offline proposals + ImageNet tags; centernet: offline COCO-80 detector "
+                                "(fetched weights); transformers: any HuggingFace detector; auto: centernet when "
+                                "its weights are cached, else detector; coco-instances: ground-truth COCO "
                                 "boxes (oracle); vinvl-tsv / butd-tsv: precomputed detector features")
     images: Path | None = setting(None, help="folder of image files (detector and coco-instances backends)")
     coco_instances: Path | None = setting(None, help="COCO instances JSON (coco-instances backend)")
@@ -61,7 +67,8 @@ class RegionsSettings:
     max_regions: int = setting(36, help="regions kept per image (image backends: region 0 is the whole image)")
     nms_iou: float = setting(0.5, help="IoU above which the detector drops the lower-scored of two boxes")
     min_box_frac: float = setting(0.01, help="smallest proposal kept, as a fraction of the image area")
-    crop_size: int = setting(224, help="side of the square crop fed to the feature backbone, in pixels")
+    crop_size: int | None = setting(None, help="side of the square crop fed to the feature backbone, in pixels "
+                                               "(default: 224; 128 for centernet/transformers)")
     unit_size: int = setting(64, help="inputs per work unit (one resumable part folder each)")
     store_class_probs: bool = setting(False, help="also store each region's class distribution (detector backend)")
     proposal_max_side: int = setting(128, help="longest image side when computing felzenszwalb proposals")
@@ -69,6 +76,16 @@ class RegionsSettings:
                                                  help="felzenszwalb scales of the proposals, coarse to fine")
     max_proposals: int = setting(48, help="crops classified per image by the detector backend")
     weights: Path | None = setting(None, help="EfficientNet-Lite0 weights file (default: the installed package's)")
+    min_score: float = setting(0.15, help="centernet/transformers: detections scored below this are not stored")
+    detector_weights: Path | None = setting(None, help="centernet: folder with centernet.json/.bin "
+                                                       "(default: the verified cache)")
+    detector_model: str | None = setting(None, help="transformers: HuggingFace hub name or local detector folder")
+    vocabulary: Path | None = setting(None, help="transformers zero-shot: class names, one per line "
+                                                 "(default: the shipped Visual Genome object list)")
+    tag_words: Path | None = setting(None, help="JSON {class name: caption word} (default: the shipped COCO table)")
+    detector_batch_size: int = setting(4, help="images per detector call (their crops share backbone batches)",
+                                       runtime=True)
+    device: str = setting("auto", help="transformers: auto (GPU when present), cpu or cuda[:i]", runtime=True)
     batch_size: int = setting(32, help="crops per backbone forward pass", runtime=True)
     num_threads: int | None = setting(None, help="torch CPU threads for this run (default: torch's choice)",
                                       runtime=True)
@@ -81,20 +98,27 @@ class RegionsSettings:
             "coco-instances": ("images", "coco_instances"),
             "vinvl-tsv": ("vinvl_features", "vinvl_predictions"),
             "butd-tsv": ("butd_tsv",),
+            "centernet": ("images",),
+            "transformers": ("images", "detector_model"),
+            "auto": ("images",),
         }[self.backend]
         for name in needed:
             if getattr(self, name) is None:
                 raise ConfigError(f"regions backend {self.backend!r} needs --{name.replace('_', '-')}")
         if self.max_regions < 1:
             raise ConfigError(f"max_regions must be >= 1, got {self.max_regions}")
-        if self.backend in ("detector", "coco-instances") and self.max_regions < 2:
+        if self.backend in IMAGE_BACKENDS and self.max_regions < 2:
             raise ConfigError("max_regions must be >= 2 for image backends (region 0 is the whole image)")
         if not 0.0 < self.nms_iou <= 1.0:
             raise ConfigError(f"nms_iou must be in (0, 1], got {self.nms_iou}")
         if not 0.0 <= self.min_box_frac < 1.0:
             raise ConfigError(f"min_box_frac must be in [0, 1), got {self.min_box_frac}")
-        if not 32 <= self.crop_size <= 1024:
+        if self.crop_size is not None and not 32 <= self.crop_size <= 1024:
             raise ConfigError(f"crop_size must be in [32, 1024], got {self.crop_size}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ConfigError(f"min_score must be in [0, 1], got {self.min_score}")
+        if self.detector_batch_size < 1:
+            raise ConfigError(f"detector_batch_size must be >= 1, got {self.detector_batch_size}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_threads is not None and self.num_threads < 1:
@@ -116,7 +140,8 @@ class RegionsSettings:
             path = getattr(self, name)
             if path is not None and not Path(path).is_dir():
                 raise ConfigError(f"regions: image folder not found: {path}")
-        for name in ("coco_instances", "vinvl_features", "vinvl_predictions", "butd_tsv", "weights"):
+        for name in ("coco_instances", "vinvl_features", "vinvl_predictions", "butd_tsv", "weights", "vocabulary",
+                     "tag_words"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"regions: {name.replace('_', ' ')} file not found: {path}")
@@ -137,17 +162,27 @@ class RegionsConfig(RegionsSettings, StageRun):
         self.shard_spec()
 
 
-RegionBackend = DetectorBackend | CocoInstancesBackend | VinVLBackend | ButdBackend
+RegionBackend = DetectorBackend | CocoInstancesBackend | VinVLBackend | ButdBackend | ObjectDetectorBackend
 
 
 def build_backend(cfg: RegionsConfig) -> RegionBackend:
     """The backend named by ``cfg.backend`` (the backbone is loaded only for image backends)."""
-    if cfg.backend in ("detector", "coco-instances"):
+    from muvla.regions.detectors import (  # imports the weights module
+        build_detector_backend,
+        resolve_auto_backend,
+    )
+
+    if cfg.backend == "auto":
+        cfg = dataclasses.replace(cfg, backend=resolve_auto_backend())
+    if cfg.backend in IMAGE_BACKENDS:
         if not Path(cfg.images).is_dir():
             raise ConfigError(f"image folder not found: {cfg.images}")
         from muvla.regions.efficientnet import load_lite0
 
-        featurizer = CropFeaturizer(load_lite0(cfg.weights), crop_size=cfg.crop_size, batch_size=cfg.batch_size)
+        crop_size = cfg.crop_size or (128 if cfg.backend in ("centernet", "transformers") else 224)
+        featurizer = CropFeaturizer(load_lite0(cfg.weights), crop_size=crop_size, batch_size=cfg.batch_size)
+        if cfg.backend in ("centernet", "transformers"):
+            return build_detector_backend(cfg, featurizer)
         if cfg.backend == "detector":
             return DetectorBackend(cfg.images, max_regions=cfg.max_regions, nms_iou=cfg.nms_iou,
                                    proposals=cfg.proposal_config(), featurizer=featurizer)
@@ -176,12 +211,21 @@ def _process_unit(backend: RegionBackend, items: list[InputItem], cfg: RegionsCo
     writer = RegionPartWriter(max_regions=cfg.max_regions, feature_dim=backend.feature_dim,
                               capacity=len(items), num_classes=len(backend.classes),
                               store_class_probs=cfg.store_class_probs)
-    for item in items:
+    batched: dict[int, tuple[ImageRegions, dict[str, int]] | RejectedImage] = {}
+    if isinstance(backend, ObjectDetectorBackend):  # several images per detector call
+        todo = [i for i, it in enumerate(items) if it.reject is None]
+        for s in range(0, len(todo), cfg.detector_batch_size):
+            chunk = todo[s:s + cfg.detector_batch_size]
+            batched.update(zip(chunk, backend.process_batch([items[i] for i in chunk])))
+    for pos, item in enumerate(items):
         if item.reject is not None:
             writer.reject(item.file, item.reject, item.image_id)
         else:
             try:
-                regions, stats = backend.process(item)
+                result = batched[pos] if pos in batched else backend.process(item)
+                if isinstance(result, RejectedImage):
+                    raise result
+                regions, stats = result
             except RejectedImage as rej:
                 writer.reject(item.file, rej.reason, item.image_id)
             else:
@@ -204,7 +248,7 @@ def _merged_summary(out: Path, n_inputs: int, n_parts: int, stats: dict[str, int
 
     index = pq.read_table(out / "index.parquet", columns=["num_regions"]).column("num_regions").to_pylist()
     rejected = read_rejected(out / "rejected.jsonl")
-    whole_only = sum(1 for n in index if n == 1) if backend in ("detector", "coco-instances") else 0
+    whole_only = sum(1 for n in index if n == 1) if backend in IMAGE_BACKENDS else 0
     return {
         "stage": "regions",
         "backend": backend,
@@ -240,6 +284,10 @@ def _run(cfg: RegionsConfig) -> dict:
     output = RegionsOutput(Path(cfg.out))
     shard = cfg.shard_spec()
     cfg.check_inputs()
+    if cfg.backend == "auto":  # record the backend actually used, so parts of two backends never mix
+        from muvla.regions.detectors import resolve_auto_backend
+
+        cfg = dataclasses.replace(cfg, backend=resolve_auto_backend())
     backend = build_backend(cfg)
     items = backend.list_inputs()
     if not items:
