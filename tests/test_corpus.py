@@ -37,7 +37,7 @@ SENTENCES = [
 ]
 
 # Tiny settings so the whole pipeline runs in seconds; unit_size 1 gives many resumable units.
-TINY = {"regions": {"max_regions": 4, "unit_size": 1, "batch_size": 8, "max_proposals": 8},
+TINY = {"regions": {"backend": "detector", "max_regions": 4, "unit_size": 1, "batch_size": 8, "max_proposals": 8},
         "retrieval": {"unit_size": 4, "k": 3, "query_mode": "counted"}}
 
 

@@ -26,7 +26,7 @@ SENTENCES = ["A woman astronaut in a white space suit holds a flag.",
              "A rocket stands on the launch pad under a blue sky.",
              "Two dogs run on a sandy beach.", "A bowl of fruit with apples and bananas.",
              "A bus drives down a busy city street.", "A man reads a newspaper on a bench."]
-REGIONS = {"max_regions": 3, "max_proposals": 4, "crop_size": 64, "proposal_max_side": 48,
+REGIONS = {"backend": "detector", "max_regions": 3, "max_proposals": 4, "crop_size": 64, "proposal_max_side": 48,
            "proposal_scales": (100.0,), "unit_size": 2, "num_threads": 1, "progress": False}
 
 
@@ -68,12 +68,12 @@ def _pairs(run: Path) -> tuple[list[tuple], list[tuple]]:
 
 def test_corpus_over_a_stage_by_stage_build_refuses_then_rebuilds_consistently(inputs, tmp_path: Path) -> None:
     """The sequence of the integrity issue: stages by hand with counted queries, then `muvla corpus`
-    (official queries by default) on the same folder."""
+    (salient queries by default) on the same folder."""
     images, corpus = inputs
     run = tmp_path / "run"
     _stage_by_stage(run, images, corpus, query_mode="counted")
     topk_before = (run / "retrieval" / "topk.parquet").read_bytes()
-    with pytest.raises(ConfigError, match=r"query_mode='counted' \(this run: 'official'\).*--overwrite"):
+    with pytest.raises(ConfigError, match=r"query_mode='counted' \(this run: 'salient'\).*--overwrite"):
         run_corpus(_corpus_config(run, images, corpus))
     assert (run / "retrieval" / "topk.parquet").read_bytes() == topk_before  # nothing was touched
     CorpusLayout.at(run).verify()
@@ -83,7 +83,7 @@ def test_corpus_over_a_stage_by_stage_build_refuses_then_rebuilds_consistently(i
     topk, matches = _pairs(run)
     assert topk == matches  # phrases were redone for the new retrieval: every pair has its match row
     assert check.digests["retrieval"] == BuildRecord.read(run / "phrases").inputs["retrieval"]
-    assert BuildRecord.read(run / "retrieval").settings["query_mode"] == "official"
+    assert BuildRecord.read(run / "retrieval").settings["query_mode"] == "salient"
 
 
 def test_a_stale_stage_is_redone_and_pretraining_refuses_a_mixed_corpus(inputs, tmp_path: Path) -> None:
@@ -130,7 +130,7 @@ def test_a_modified_output_is_detected(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--query-mode", "countd"], "retrieval.query_mode: expected one of official, counted; got 'countd'"),
+    (["--query-mode", "countd"], "retrieval.query_mode: expected one of official, counted, salient; got 'countd'"),
     (["--set", "retrieval.k=abc"], "retrieval.k: expects int, got 'abc'"),
     (["--set", "phrases.unit_size=0"], "phrases.unit_size must be >= 1"),
     (["--backend", "coco-instances"], "regions backend 'coco-instances' needs --coco-instances"),

@@ -42,7 +42,7 @@ from muvla.utils.config import ConfigError
 
 os.environ.setdefault("MUVLA_NO_PROGRESS", "1")
 # Small settings so every stage run takes a second or two on a busy CPU.
-FAST = {"max_regions": 4, "max_proposals": 6, "crop_size": 64, "proposal_max_side": 48,
+FAST = {"backend": "detector", "max_regions": 4, "max_proposals": 6, "crop_size": 64, "proposal_max_side": 48,
         "proposal_scales": (100.0,), "batch_size": 8, "num_threads": 1}
 
 
@@ -477,8 +477,8 @@ def test_coco_instances_backend_synthetic(tmp_path):
         ],
     }
     (tmp_path / "inst.json").write_text(json.dumps(coco), encoding="utf-8")
-    cfg = RegionsConfig(out=tmp_path / "out", backend="coco-instances", images=images,
-                        coco_instances=tmp_path / "inst.json", **FAST)
+    cfg = RegionsConfig(out=tmp_path / "out", images=images, coco_instances=tmp_path / "inst.json",
+                        **{**FAST, "backend": "coco-instances"})
     summary = run_regions(cfg)
     assert summary["images_written"] == 2 and summary["rejected_by_reason"] == {"file not found": 1}
     assert summary["images_whole_image_only"] == 1

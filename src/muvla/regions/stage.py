@@ -54,7 +54,7 @@ INPUT_FIELDS = ("images", "coco_instances", "vinvl_features", "vinvl_predictions
 class RegionsSettings:
     """What the regions stage computes and from which inputs (see docs/DESIGN.md "regions")."""
 
-    backend: str = setting("detector", choices=BACKENDS,
+    backend: str = setting("auto", choices=BACKENDS,
                            help="detector: offline proposals + ImageNet tags; centernet: offline COCO-80 detector "
                                 "(fetched weights); transformers: any HuggingFace detector; auto: centernet when "
                                 "its weights are cached, else detector; coco-instances: ground-truth COCO "

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from muvla.retrieval.queries import TaggedImage, pluralise
-from muvla.text.readers import normalise
 
 # COCO-80 class -> nouns a caption uses for it (singular; plurals are derived). Chosen by reading
 # COCO captions: people are "men", "players", "skiers"; a dining table is a "table".
@@ -118,6 +117,11 @@ COUNT_WORDS = {"a": 1, "an": 1, "one": 1, "single": 1, "lone": 1, "two": 2, "pai
                "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
                "several": 3, "many": 3, "few": 3, "group": 3, "bunch": 3, "lots": 3, "herd": 3, "flock": 3}
 _WORD = re.compile(r"[a-z]+|\d+")
+
+
+def normalise(text: str) -> str:
+    """Whitespace runs collapsed, as the text stage stores sentences (so captions match the pool)."""
+    return " ".join(text.split())
 
 
 @dataclass

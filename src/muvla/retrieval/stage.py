@@ -69,8 +69,8 @@ class RetrievalSettings:
     nprobe: int = setting(16, help="IVF indexes: lists searched per query")
     train_size: int = setting(100_000, help="sentences sampled to train an index that needs training")
     unit_size: int = setting(20_000, help="sentences per embedding unit (one resumable .npy part each)")
-    min_tag_score: float = setting(0.0, help="leave region tags scored below this out of the query (the best "
-                                             "tag always stays); 0 keeps all (the reference recipe)")
+    min_tag_score: float = setting(0.25, help="leave region tags scored below this out of the query (the best "
+                                              "tag always stays); 0 keeps all (the reference recipe)")
     exclude_sentence_ids: Path | None = setting(None, help="text file, one sentence id per line, never retrieved "
                                                            "(e.g. the images' own captions)")
     encoder_backend: str = setting("auto", choices=encoders.BACKENDS,
