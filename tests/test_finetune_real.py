@@ -150,9 +150,9 @@ def test_zero_shot_retrieval_real(stores: dict, tmp_path: Path) -> None:
     assert (tmp_path / "zs" / "retrieval_recall.png").is_file()
 
 
-@pytest.mark.slow  # runs the proposal detector on 3 photos (~20 s on a busy 2-core machine)
+@pytest.mark.slow  # runs the regions stage (default backend) on 3 photos
 def test_zero_shot_retrieval_builds_regions_on_the_fly(tmp_path: Path) -> None:
-    """No region store given: the detector runs on --images into <out>/regions first."""
+    """No region store given: the regions stage runs on --images into <out>/regions first."""
     caps = json.loads((SHARED_DATA / "coco-mini" / "captions_train2017.json").read_text())
     ids = sorted({a["image_id"] for a in caps["annotations"]})[:3]
     images = tmp_path / "images"
@@ -162,6 +162,6 @@ def test_zero_shot_retrieval_builds_regions_on_the_fly(tmp_path: Path) -> None:
             (images / im["file_name"]).symlink_to(SHARED_DATA / "coco-mini" / "images" / im["file_name"])
     res = run_evaluate(EvaluateConfig(out=tmp_path / "zs", task="retrieval", model="default", images=images,
                                       captions=SHARED_DATA / "coco-mini" / "captions_train2017.json",
-                                      max_regions=4, device="cpu", torch_threads=1))
+                                      device="cpu", torch_threads=1))
     assert (tmp_path / "zs" / "regions" / "index.parquet").is_file()
     assert res["metrics"]["n_images"] == 3 and res["metrics"]["n_captions"] == 15
