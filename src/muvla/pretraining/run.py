@@ -32,6 +32,7 @@ from muvla.utils.shards import atomic_file
 logger = logging.getLogger(__name__)
 
 PRETRAIN_MODES = ("muvla", "round_robin", "base")
+REGION_INITS = ("tags", "random")
 
 
 @dataclass
@@ -46,8 +47,9 @@ class PretrainConfig(TrainerSettings):
     mode: str = "muvla"  # muvla | round_robin | base
     tasks: list[str] = field(default_factory=lambda: list(TASKS))  # subset of rt, rn, is
     k: int | None = None  # use only the first k retrieved sentences per image (None = all)
-    warmup_epochs: int = 1  # m: epochs with the plain loss sum before the curriculum
+    warmup_samples: int = 0  # m, in training samples (all ranks): plain loss sum before the curriculum
     itm_weight: str = "per_sample"  # per_sample | batch_mean (the reference code's effective weight)
+    region_init: str = "tags"  # tags: fit a fresh region projection to the tags' word embeddings | random
     mask_prob: float = 0.15
     max_text_len: int = 36  # tokens incl. [CLS]/[SEP]; also the tag-sequence limit
     max_regions: int = 50
@@ -67,8 +69,10 @@ class PretrainConfig(TrainerSettings):
             raise ConfigError(f"pretrain: tasks has duplicates: {self.tasks}")
         if self.k is not None and self.k < 1:
             raise ConfigError(f"pretrain: k must be >= 1 (or null for all retrieved sentences), got {self.k}")
-        if self.warmup_epochs < 0:
-            raise ConfigError(f"pretrain: warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.warmup_samples < 0:
+            raise ConfigError(f"pretrain: warmup_samples must be >= 0, got {self.warmup_samples}")
+        if self.region_init not in REGION_INITS:
+            raise ConfigError(f"pretrain: region_init must be one of {REGION_INITS}, got {self.region_init!r}")
         if self.itm_weight not in ITM_WEIGHTS:
             raise ConfigError(f"pretrain: itm_weight must be one of {ITM_WEIGHTS}, got {self.itm_weight!r}")
         if not 0.0 < self.mask_prob < 1.0:
@@ -154,9 +158,13 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     corpus = PretrainCorpus(cfg.corpus, tokenizer, cfg.max_text_len, cfg.max_regions, cfg.k,
                             retrieval_dir=cfg.retrieval, phrases_dir=cfg.phrases)
+    if cfg.region_init == "tags" and "encoder.embeddings.region_feature_proj.weight" in model.loading_info.initialised:
+        from muvla.pretraining.grounding import ground_region_projection
+
+        summary["region_projection_fit_regions"] = ground_region_projection(model, corpus)
     dataset = PretrainDataset(corpus)
     collate = PretrainCollator(corpus, cfg.mask_prob, neg_fraction=0.0 if cfg.mode == "round_robin" else 0.5)
-    objectives = PretrainObjectives(model, cfg.tasks, cfg.mode, cfg.warmup_epochs, cfg.itm_weight)
+    objectives = PretrainObjectives(model, cfg.tasks, cfg.mode, cfg.warmup_samples, cfg.itm_weight)
     if dist.is_main:
         logger.info("pre-training %s on %d images (%s)", cfg.mode, len(dataset), corpus.summary()["skipped"])
     trainer = Trainer(objectives, dataset, collate, cfg.train_config(), dist_info=dist)
