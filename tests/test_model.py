@@ -48,9 +48,11 @@ def test_text_outputs_equal_huggingface_bert(minilm_folder: Path) -> None:
     from transformers import AutoTokenizer, BertModel
 
     ours = Model.from_bert("default").eval()
-    assert ours.loading_info["unexpected"] == []
+    assert ours.loading_info.unexpected == []
     assert all(k.startswith(("encoder.embeddings.region", "encoder.embeddings.box", "mlm_head", "mrc_head",
-                             "mrfr_head", "itm_head")) for k in ours.loading_info["initialised"])
+                             "mrfr_head", "itm_head")) for k in ours.loading_info.initialised)
+    # MiniLM has no NSP head: its never-matching-trained pooler is rescaled to unit gain, direction kept
+    assert ours.loading_info.rescaled == ["encoder.pooler.weight"]
     ref = BertModel.from_pretrained(str(minilm_folder)).eval()
     tok = AutoTokenizer.from_pretrained(str(minilm_folder))
     batch = tok(["a dog sleeps on a red sofa", "two people ride bikes down a long street"],
@@ -61,7 +63,12 @@ def test_text_outputs_equal_huggingface_bert(minilm_folder: Path) -> None:
         expected = ref(**batch)
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(out.text_hidden[real], expected.last_hidden_state[real], atol=1e-4, rtol=0)
-    torch.testing.assert_close(out.pooled, expected.pooler_output, atol=1e-4, rtol=0)
+    w, b = ref.pooler.dense.weight, ref.pooler.dense.bias
+    unit = w * (ours.config.hidden_size ** -0.5 / w.std())
+    torch.testing.assert_close(ours.encoder.pooler.weight, unit, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        expected_pooled = torch.tanh(torch.nn.functional.linear(expected.last_hidden_state[:, 0], unit, b))
+    torch.testing.assert_close(out.pooled, expected_pooled, atol=1e-4, rtol=0)
     assert out.region_hidden.shape == (2, 0, ours.config.hidden_size)
 
 
@@ -76,9 +83,10 @@ def test_from_bert_maps_pretraining_heads(tmp_path: Path) -> None:
     ref.save_pretrained(str(tmp_path))
     (tmp_path / "vocab.txt").write_text("\n".join(f"w{i}" for i in range(60)) + "\n", encoding="utf-8")
     ours = Model.from_bert(tmp_path, region_feature_dim=12, num_region_classes=7).eval()
-    assert ours.loading_info["unexpected"] == []
-    assert "mlm_head.dense.weight" in ours.loading_info["loaded"]
-    assert "itm_head.classifier.weight" in ours.loading_info["loaded"]
+    assert ours.loading_info.unexpected == []
+    assert "mlm_head.dense.weight" in ours.loading_info.loaded
+    assert "itm_head.classifier.weight" in ours.loading_info.loaded
+    assert ours.loading_info.rescaled == []  # pooler + NSP head were trained together: both kept
     ids = torch.randint(5, 60, (2, 6))
     with torch.no_grad():
         exp = ref(input_ids=ids)
@@ -96,7 +104,7 @@ def test_from_bert_maps_pretraining_heads(tmp_path: Path) -> None:
     torch.save(renamed, old / "pytorch_model.bin")
     (old / "config.json").write_text((tmp_path / "config.json").read_text())
     from_bin = Model.from_bert(old, region_feature_dim=12, num_region_classes=7).eval()
-    assert from_bin.loading_info["unexpected"] == []
+    assert from_bin.loading_info.unexpected == []
     with torch.no_grad():
         torch.testing.assert_close(from_bin(ids).hidden_states, out.hidden_states, atol=0, rtol=0)
 
@@ -148,6 +156,8 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert "encoder.embeddings.word_embeddings.weight" in stored
     loaded = Model.from_pretrained(out_dir).eval()
     assert loaded.config == model.config
+    assert loaded.loading_info.rescaled == [] and loaded.loading_info.initialised == []  # a muvla folder: as saved
+    assert "encoder.pooler.weight" in loaded.loading_info.loaded
     assert loaded.mlm_head.decoder.weight is loaded.encoder.embeddings.word_embeddings.weight
     batch = tiny_batch()
     with torch.no_grad():
@@ -159,6 +169,48 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert (tmp_path / "again" / "vocab.txt").is_file()
     with pytest.raises(ConfigError, match="from_pretrained"):
         Model.from_bert(out_dir)
+
+
+def test_matching_path_starts_at_unit_gain() -> None:
+    """Pooler and ITM classifier are drawn at std 1/sqrt(H), everything else at BERT's 0.02."""
+    torch.manual_seed(0)
+    model = Model(tiny_config(hidden_size=64, num_heads=4))
+    assert float(model.encoder.pooler.weight.detach().std()) == pytest.approx(64 ** -0.5, rel=0.05)
+    assert float(model.itm_head.classifier.weight.detach().std()) == pytest.approx(64 ** -0.5, rel=0.3)  # only 64 draws
+    assert float(model.mlm_head.dense.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
+    assert float(model.encoder.layers[0].ffn_in.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
+    # unit gain: a unit-variance [CLS] gives O(1) pooled values and an O(1) spread of ITM logits
+    cls = torch.randn(4096, 64)
+    with torch.no_grad():
+        pooled = torch.tanh(model.encoder.pooler(cls))
+        assert 0.4 < float(pooled.std()) < 0.9
+        assert 0.2 < float(model.itm_head(pooled).std()) < 2.0
+
+
+def test_region_projection_fitted_to_tag_word_embeddings() -> None:
+    """Regions of a class start next to the word embedding of their tag; bookkeeping moves to ``fitted``."""
+    torch.manual_seed(0)
+    model = Model(tiny_config(region_feature_dim=24))
+    g = torch.Generator().manual_seed(1)
+    prototypes = torch.randn(5, 24, generator=g) * 3
+    classes = torch.randint(0, 5, (200,), generator=g)
+    features = prototypes[classes] + 0.3 * torch.randn(200, 24, generator=g)
+    tag_pieces = [[10 + int(c)] if c < 4 else [20, 21] for c in classes]  # class 4: a two-piece tag
+    model.init_region_projection(features, tag_pieces)
+    words = model.encoder.embeddings.word_embeddings.weight.detach()
+    targets = torch.stack([words[10], words[11], words[12], words[13], words[20:22].mean(0)])
+    with torch.no_grad():
+        projected = model.encoder.embeddings.region_feature_proj(prototypes[classes] + 0.3 * torch.randn(
+            200, 24, generator=g))  # new draws of the same classes
+    nearest = torch.cdist(projected, targets).argmin(-1)
+    assert (nearest == classes).float().mean() > 0.95
+    info = model.loading_info
+    assert info.fitted == ["encoder.embeddings.region_feature_proj.bias", "encoder.embeddings.region_feature_proj.weight"]
+    assert not set(info.fitted) & set(info.initialised) and "encoder.pooler.weight" in info.initialised
+    with pytest.raises(ValueError, match="one tag per region"):
+        model.init_region_projection(features, tag_pieces[:-1])
+    with pytest.raises(ValueError, match="at least one WordPiece"):
+        model.init_region_projection(features[:1], [[]])
 
 
 def test_lazy_top_level_import() -> None:

@@ -178,8 +178,7 @@ def test_objectives_log_every_loss_and_follow_the_curriculum(tiny_corpus, tok):
     corpus = PretrainCorpus(tiny_corpus, tok)
     ds = PretrainDataset(corpus)
     b = seeded_batch(PretrainCollator(corpus), ds, list(range(16)), seed=1)
-    obj = tiny_objectives(corpus, warmup_epochs=1).eval()
-    obj.set_epoch(0)
+    obj = tiny_objectives(corpus, warmup_samples=16).eval()
     out = obj(b)
     expected = {"loss_rt", "loss_rt_mlm", "loss_rt_mrc", "loss_rt_mrfr", "loss_rn", "loss_rn_mlm", "loss_rn_pmrtc",
                 "loss_is", "loss_is_itm", "loss_is_mlm", "itm_acc", "w_itm_mean", "curriculum"}
@@ -191,8 +190,7 @@ def test_objectives_log_every_loss_and_follow_the_curriculum(tiny_corpus, tok):
     assert obj.model.itm_head.classifier.weight.grad is not None
 
     # batch-mean weight: L_RT + mean(w) * (L_RN + L_IS)
-    obj_mean = tiny_objectives(corpus, warmup_epochs=1, itm_weight="batch_mean").eval()
-    obj_mean.set_epoch(1)
+    obj_mean = tiny_objectives(corpus, warmup_samples=0, itm_weight="batch_mean").eval()
     out_mean = obj_mean(b)
     lm = out_mean.logs
     assert float(lm["curriculum"]) == 1.0
@@ -200,7 +198,7 @@ def test_objectives_log_every_loss_and_follow_the_curriculum(tiny_corpus, tok):
     torch.testing.assert_close(out_mean.loss, lm["loss_rt"] + lm["w_itm_mean"] * (lg["loss_rn"] + lg["loss_is"]))
 
     # per-sample weight: each sample's R-N / I-S items weighted by its own detached w_ITM
-    obj.set_epoch(1)
+    obj.samples_seen.fill_(16)  # the warm-up is over
     with torch.no_grad():
         obj.model.itm_head.classifier.bias.fill_(0.0)
         obj.model.itm_head.classifier.weight.normal_(0, 2.0)  # spread the probabilities across samples
@@ -214,11 +212,24 @@ def test_objectives_log_every_loss_and_follow_the_curriculum(tiny_corpus, tok):
     torch.testing.assert_close(out_ps.logs["loss_is_itm"], (itm_items * w).mean().detach())
 
 
+def test_curriculum_clock_counts_training_samples(tiny_corpus, tok):
+    """The warm-up is counted in training samples (not epochs); eval passes do not advance it."""
+    corpus = PretrainCorpus(tiny_corpus, tok)
+    b = seeded_batch(PretrainCollator(corpus), PretrainDataset(corpus), list(range(8)), seed=3)
+    obj = tiny_objectives(corpus, warmup_samples=16).train()
+    flags = [float(obj(b).logs["curriculum"]) for _ in range(3)]
+    assert flags == [0.0, 0.0, 1.0]  # 0 and 8 samples seen before the first two batches, 16 before the third
+    obj.eval()
+    obj(b)
+    assert int(obj.samples_seen) == 24 and "samples_seen" in obj.state_dict()
+    with pytest.raises(ValueError, match="warmup_samples"):
+        tiny_objectives(corpus, warmup_samples=-1)
+
+
 def test_tasks_subset_runs_only_those_passes(tiny_corpus, tok):
     corpus = PretrainCorpus(tiny_corpus, tok)
     b = seeded_batch(PretrainCollator(corpus), PretrainDataset(corpus), list(range(8)), seed=2)
-    obj = tiny_objectives(corpus, tasks=["rt", "rn"]).eval()
-    obj.set_epoch(5)
+    obj = tiny_objectives(corpus, tasks=["rt", "rn"], warmup_samples=0).eval()
     out = obj(b)
     assert "loss_is" not in out.logs and "loss_rt" in out.logs and float(out.logs["curriculum"]) == 0.0
     torch.testing.assert_close(out.loss, out.logs["loss_rt"] + out.logs["loss_rn"])
@@ -264,7 +275,7 @@ def test_shipped_configs_load(tmp_path, tiny_corpus):
         assert cfg.mode in ("muvla", "round_robin", "base"), f
     paper = load_config(PretrainConfig, REPO / "configs/pretrain/paper_bert_base.yaml",
                         {"out": str(tmp_path), "corpus": str(tiny_corpus)})
-    assert (paper.lr, paper.max_text_len, paper.k, paper.warmup_epochs, paper.max_grad_norm) == (5e-5, 60, 5, 1, 5.0)
+    assert (paper.lr, paper.max_text_len, paper.k, paper.warmup_samples, paper.max_grad_norm) == (5e-5, 60, 5, 3_000_000, 5.0)
 
 
 def test_base_mode_saves_the_initialised_model(tmp_path, tiny_corpus):
@@ -293,20 +304,20 @@ def test_pretraining_lowers_losses_and_switches_curriculum(tmp_path, tiny_corpus
     """
     out = tmp_path / "learn"
     cfg = load_config(PretrainConfig, overrides=tiny_run_overrides(
-        out, tiny_corpus, max_steps=60, lr=3e-3, warmup_epochs=10, log_every=10, save_every=10_000))
+        out, tiny_corpus, max_steps=60, lr=3e-3, warmup_samples=240, log_every=10, save_every=10_000))
     summary = run_pretrain(cfg)
     assert summary["train"]["steps"] == 60
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
     for key in ("loss_rt_mlm", "loss_is_mlm", "loss_rn_mlm"):
         assert last[key] < 0.7 * first[key], key
-    assert [r["curriculum"] for r in rows] == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]  # 3 steps per epoch, m = 10
+    assert [r["curriculum"] for r in rows] == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]  # batch 8: on from step 31
     assert all(0.0 < r["w_itm_mean"] < 1.0 for r in rows)
     Model.from_pretrained(out / "model")
 
 
 def test_resume_after_a_crash_matches_uninterrupted(tmp_path, tiny_corpus, monkeypatch):
-    kw = dict(max_steps=8, save_every=3, log_every=1, warmup_epochs=1)
+    kw = dict(max_steps=8, save_every=3, log_every=1, warmup_samples=40)  # curriculum on from step 6
     full = tmp_path / "full"
     run_pretrain(load_config(PretrainConfig, overrides=tiny_run_overrides(full, tiny_corpus, **kw)))
 

@@ -5,6 +5,7 @@ from muvla.model.losses import ITMLoss, MLMLoss, MRCLoss, MRFRLoss, PMRTCLoss
 from muvla.model.modeling import (
     Encoder,
     EncoderOutput,
+    LoadingInfo,
     Model,
     ModelConfig,
     default_bert_folder,
@@ -16,6 +17,7 @@ __all__ = [
     "EncoderOutput",
     "ITMHead",
     "ITMLoss",
+    "LoadingInfo",
     "MLMHead",
     "MLMLoss",
     "MRCHead",

@@ -15,7 +15,8 @@ import dataclasses
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,25 @@ class ModelConfig:
             raise ConfigError(f"{path} is not a muvla model config (architecture={arch!r}); "
                               "use Model.from_bert for a HuggingFace BERT folder")
         return from_dict(cls, data)
+
+
+@dataclass
+class LoadingInfo:
+    """What initialisation did to each weight (state-dict names), so a run can report what started untrained.
+
+    loaded:      copied from the checkpoint.
+    initialised: drawn by ``Model._init_weights`` (new visual parts, heads the checkpoint lacks; all of a
+                 model built from a config).
+    rescaled:    loaded, then rescaled to unit gain (a pooler never trained for matching).
+    fitted:      set from data by ``Model.init_region_projection`` (moved here from ``initialised``).
+    unexpected:  checkpoint tensors that map to nothing.
+    """
+
+    loaded: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
+    rescaled: list[str] = field(default_factory=list)
+    fitted: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,14 +348,24 @@ class Model(nn.Module):
         self.itm_head = ITMHead(config.hidden_size)
         self.apply(self._init_weights)
         self.source_path: Path | None = None  # folder the weights/tokenizer came from
-        self.loading_info: dict[str, list[str]] = {}
+        self.loading_info = LoadingInfo(initialised=sorted(k for k in self.state_dict() if k not in self.tied_keys))
 
     def _init_weights(self, module: nn.Module) -> None:
-        """BERT's init: normal(0, initializer_range) weights, zero biases, unit LayerNorms."""
+        """BERT's init: normal(0, initializer_range) weights, zero biases, unit LayerNorms, except the
+        matching path (pooler and ITM classifier), which gets unit gain: std 1/sqrt(H).
+
+        WHY the exception: the ITM logit reaches the encoder through these two linear maps with no
+        normalisation in between, so BERT's std 0.02 gives the path a gain of (0.02*sqrt(H))^2
+        (0.15 at H=384), and ITM's gradient on the shared layers drowns next to MLM's (whose head has
+        a LayerNorm). BERT itself never meets this because its pooler and NSP head are pre-trained.
+        Same number of random draws as plain BERT init, so other weights are unchanged.
+        """
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             if module is self.mlm_head.decoder:
                 return  # tied to the word embeddings, initialised there
+            if module is self.encoder.pooler or module is self.itm_head.classifier:
+                std = self.config.hidden_size ** -0.5
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -347,6 +377,48 @@ class Model(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    @torch.no_grad()
+    def init_region_projection(self, features: torch.Tensor, tag_piece_ids: Sequence[Sequence[int]],
+                               ridge: float = 1.0) -> None:
+        """Set the region feature projection so that a region's embedding starts at the word embedding
+        of its detector tag: ridge regression from features to the mean word embedding of the tag's pieces.
+
+        WHY: a text-only checkpoint cannot read a randomly projected region, and ITM's gradient, which
+        only rewards text-region interactions, builds that reading very slowly; matching then stays at
+        chance for hundreds of steps even on ground-truth captions. Starting regions where the
+        region-tag alignment (R-T) would drive them gives the encoder tokens it already understands.
+        Only the detector's tags are used (image-side data), never any caption.
+
+        features [N, D] float (D = region_feature_dim); tag_piece_ids: N lists of WordPiece ids (each
+        non-empty). ``ridge`` scales the L2 penalty relative to the mean eigenvalue of the centred
+        feature covariance (scale-free). Solved in float64; the bias makes the mean fit exact.
+        """
+        if features.dim() != 2 or features.shape[1] != self.config.region_feature_dim:
+            raise ValueError(f"features must be [N, {self.config.region_feature_dim}], got {tuple(features.shape)}")
+        if len(tag_piece_ids) != features.shape[0] or not len(tag_piece_ids):
+            raise ValueError(f"need one tag per region and at least one region, got {features.shape[0]} "
+                             f"features and {len(tag_piece_ids)} tags")
+        if any(len(p) == 0 for p in tag_piece_ids):
+            raise ValueError("every tag needs at least one WordPiece id")
+        if ridge <= 0:
+            raise ValueError(f"ridge must be > 0, got {ridge}")
+        words = self.encoder.embeddings.word_embeddings.weight.detach().double().cpu()
+        targets = torch.stack([words[list(p)].mean(0) for p in tag_piece_ids])  # [N, H]
+        x = features.detach().double().cpu()
+        x_mean, y_mean = x.mean(0), targets.mean(0)
+        xc, yc = x - x_mean, targets - y_mean
+        gram = xc.T @ xc
+        penalty = ridge * float(gram.diagonal().mean())
+        weight = torch.linalg.solve(gram + penalty * torch.eye(gram.shape[0], dtype=gram.dtype), xc.T @ yc)  # [D, H]
+        proj = self.encoder.embeddings.region_feature_proj
+        proj.weight.copy_(weight.T.to(proj.weight))
+        proj.bias.copy_((y_mean - x_mean @ weight).to(proj.bias))
+        names = ["encoder.embeddings.region_feature_proj.bias", "encoder.embeddings.region_feature_proj.weight"]
+        info = self.loading_info
+        info.initialised = [k for k in info.initialised if k not in names]
+        info.loaded = [k for k in info.loaded if k not in names]
+        info.fitted = sorted(set(info.fitted) | set(names))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 region_features: torch.Tensor | None = None, region_positions: torch.Tensor | None = None,
@@ -371,7 +443,8 @@ class Model(nn.Module):
         package (offline). Encoder weights load strictly (a missing encoder key is an error);
         visual parts and heads keep BERT's N(0, 0.02) init unless the checkpoint has ``cls.*`` heads:
         ``cls.predictions`` initialises the MLM head, ``cls.seq_relationship`` (NSP) the ITM head.
-        What loaded is in ``model.loading_info`` (loaded / initialised / unexpected).
+        A loaded pooler without an NSP head is rescaled to unit gain (``_rescale_unmatched_pooler``).
+        What happened to each weight is in ``model.loading_info`` (a :class:`LoadingInfo`).
         """
         folder = resolve_bert_folder(name_or_path)
         cfg_file = folder / CONFIG_NAME
@@ -385,14 +458,35 @@ class Model(nn.Module):
         config = ModelConfig.from_hf_bert(hf_cfg, **visual, **config_overrides)
         model = cls(config)
         state = _read_checkpoint(folder)
-        model.loading_info = model._load_bert_state(state)
+        info = model._load_bert_state(state)
+        info.rescaled = model._rescale_unmatched_pooler(info)
+        model.loading_info = info
         model.source_path = folder
-        logger.info("loaded BERT weights from %s: %d tensors, %d new, unexpected: %s", folder,
-                    len(model.loading_info["loaded"]), len(model.loading_info["initialised"]),
-                    model.loading_info["unexpected"])
+        logger.info("loaded BERT weights from %s: %d tensors, %d new, rescaled to unit gain: %s, unexpected: %s",
+                    folder, len(info.loaded), len(info.initialised), info.rescaled, info.unexpected)
         return model
 
-    def _load_bert_state(self, raw: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    @torch.no_grad()
+    def _rescale_unmatched_pooler(self, info: LoadingInfo) -> list[str]:
+        """A loaded pooler WITHOUT a loaded NSP head is rescaled to unit gain (std 1/sqrt(H)); returns
+        the rescaled names.
+
+        WHY: BERT trains its pooler only through NSP. A checkpoint without an NSP head (MiniLM,
+        sentence-transformers exports) carries a pooler never trained for matching: MiniLM's has
+        std 0.009 and zero bias, a gain of 0.18 on top of the ITM head's, which made ITM's share of
+        the shared-layer gradient ~5x smaller than with a unit-gain pooler. Only the scale changes
+        (the loaded direction is kept, no random draw); with an NSP head both are kept as trained.
+        """
+        if "encoder.pooler.weight" not in info.loaded or "itm_head.classifier.weight" in info.loaded:
+            return []
+        weight = self.encoder.pooler.weight
+        std = float(weight.std())
+        if std == 0.0:
+            return []
+        weight.mul_(self.config.hidden_size ** -0.5 / std)
+        return ["encoder.pooler.weight"]
+
+    def _load_bert_state(self, raw: dict[str, torch.Tensor]) -> LoadingInfo:
         """Copy checkpoint tensors through the explicit name map; return what happened to each key."""
         state = {_normalise_bert_key(k): v for k, v in raw.items()}
         if "cls.predictions.bias" not in state and "cls.predictions.decoder.bias" in state:
@@ -425,7 +519,7 @@ class Model(nn.Module):
             if key not in used and key not in ignorable:
                 unexpected.append(key)
         initialised = sorted(k for k in own if k not in loaded and k not in self.tied_keys)
-        return {"loaded": sorted(loaded), "initialised": initialised, "unexpected": sorted(unexpected)}
+        return LoadingInfo(loaded=sorted(loaded), initialised=initialised, unexpected=sorted(unexpected))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Model:
@@ -443,6 +537,7 @@ class Model(nn.Module):
         if missing or result.unexpected_keys:
             raise KeyError(f"{folder / WEIGHTS_NAME} does not match the config: missing {missing[:8]}, "
                            f"unexpected {result.unexpected_keys[:8]}")
+        model.loading_info = LoadingInfo(loaded=sorted(k for k in state if k not in cls.tied_keys))
         model.source_path = folder
         return model
 

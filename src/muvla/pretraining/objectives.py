@@ -8,31 +8,25 @@
 - R-N pass, [t^r ; regions] with one modality masked: MLM on phrase tokens, or p-MRTC on matched regions.
 - I-S pass, [t^r or random sentence ; regions]: ITM (BCE, 50/50) + MLM on positives.
 
-Curriculum (METHOD §6): while ``epoch < warmup_epochs`` the loss is L_RT + L_RN + L_IS; afterwards
-L_RT + w_ITM * (L_RN + L_IS), where w_ITM is the detached ITM probability that the sample's own
-pair (v, t^r) matches. WHERE w_ITM COMES FROM: the ITM head applied to the pooled output of the R-N
-pass, which is exactly the sample's (v, t^r) pair (with its ~15% phrase-token or region masking), so
-no extra forward pass is needed; the I-S pass cannot give it because half of its pairs are negatives.
-Without the R-N task an extra no-grad pass on the unmasked pair provides it. With
-``itm_weight="per_sample"`` each sample's R-N and I-S items are weighted by its own w_ITM (the loss
-modules' ``sample_weight``); ``"batch_mean"`` multiplies (L_RN + L_IS) by the batch mean, which is what
-the reference code effectively did. Without the I-S task the ITM head is never trained, so the
-curriculum is off (plain sum) and this is logged as ``curriculum = 0``.
+Every loss term is a scalar mean over its labelled items (``muvla.model.losses``); the total is their
+plain sum (METHOD §6), so a step's loss is a scalar mean over the micro-batch.
 
-Why ITM did not learn next to MLM, and the fix (``init_itm_path``): the ITM logit reaches the encoder
-through two freshly initialised std-0.02 linear maps with no normalisation between them, the pooler
-(tanh(dense([CLS]))) and the 1-logit classifier: gain ~0.02*sqrt(H) each, so at H=64 the ITM gradient
-on the shared layers was ~650x smaller than the summed reconstruction losses' (0.0014 vs 0.92; the
-MLM head has a LayerNorm that undoes its small init). Adam normalises each shared parameter by the
-TOTAL gradient, so ITM's effective learning rate there was ~0 and it sat at 0.693 (alone, at the
-tiny runs' lr 2e-3, it failed too). Gradient clipping was not the cause (Adam is nearly invariant to a uniform scale)
-and MRFR is already a per-element mean. BERT never meets this because its pooler and NSP head are
-pre-trained; a random-init model (and a BERT checkpoint without an NSP head, e.g. MiniLM) does.
-``init_itm_path`` rescales the FRESH parts of that path to unit gain (std 1/sqrt(H)), keeping their
-random directions (no RNG draw, so runs stay reproducible); loaded weights are never touched.
-The loss stays METHOD's plain sum, so ITM still gets only ~5-20% of the shared gradient and learns
-more slowly than alone (tiny model, 1000 steps: held-out AUC 0.95 on 1-object images, 0.70 on the
-harder 2-object ones, where a negative often names one of the image's classes).
+Curriculum (METHOD §6): during the warm-up, the first ``warmup_samples`` training samples (counted
+over all ranks), the loss is L_RT + L_RN + L_IS; afterwards L_RT + w_ITM * (L_RN + L_IS), where w_ITM
+[B] is the detached ITM probability that the sample's own pair (v, t^r) matches. The warm-up is
+counted in samples, not epochs, because it exists to let the ITM head become competent, which takes
+a number of samples whatever the corpus size: the paper's m = 1 epoch is ~3M samples, whereas one
+epoch of a small corpus is a few steps, after which every R-N and I-S term would be multiplied by an
+untrained head's ~0.5. The count is a buffer, so it is checkpointed and a resumed run continues it.
+
+WHERE w_ITM COMES FROM: the ITM head applied to the pooled output of the R-N pass, which is exactly
+the sample's (v, t^r) pair (with its ~15% phrase-token or region masking), so no extra forward pass
+is needed; the I-S pass cannot give it because half of its pairs are negatives. Without the R-N task
+an extra no-grad pass on the unmasked pair provides it. With ``itm_weight="per_sample"`` each
+sample's R-N and I-S items are weighted by its own w_ITM (the loss modules' ``sample_weight``);
+``"batch_mean"`` multiplies (L_RN + L_IS) by the batch mean, which is what the reference code
+effectively did. Without the I-S task the ITM head is never trained, so the curriculum is off
+(plain sum) and this is logged as ``curriculum = 0``.
 
 Round robin (U-VisualBERT baseline, METHOD §7): even forward calls are text-only batches (MLM on the
 sentences, no regions), odd calls are image-only batches ([tags ; regions], MLM on tags + MRC + MRFR).
@@ -44,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from muvla.model import ITMLoss, MLMLoss, Model, MRCLoss, MRFRLoss, PMRTCLoss
@@ -55,50 +50,11 @@ TRAINING_MODES = ("muvla", "round_robin")
 ITM_WEIGHTS = ("per_sample", "batch_mean")
 
 
-def fresh_itm_path(model: Model) -> list[str]:
-    """Names of the ITM-path modules ("pooler", "itm_head") that were NOT loaded from a checkpoint.
-
-    A model built from a config (no ``source_path``) is all fresh; ``from_bert`` lists what it
-    initialised in ``loading_info``; ``from_pretrained`` (a muvla folder) loaded everything.
-    """
-    if model.source_path is None and not model.loading_info:
-        return ["pooler", "itm_head"]
-    initialised = set(model.loading_info.get("initialised", []))
-    fresh = []
-    if "encoder.pooler.weight" in initialised:
-        fresh.append("pooler")
-    if "itm_head.classifier.weight" in initialised:
-        fresh.append("itm_head")
-    return fresh
-
-
-@torch.no_grad()
-def init_itm_path(model: Model) -> list[str]:
-    """Rescale the freshly initialised pooler / ITM classifier weights to std 1/sqrt(H) (unit gain).
-
-    WHY: with BERT's std-0.02 init on both, the ITM gradient reaching the shared encoder is
-    ~(0.02*sqrt(H))^2 of what an O(1) head gives, and next to MLM (whose head has a LayerNorm) ITM
-    never learns (see the module docstring for the measurements). Only the scale changes, not the
-    random direction, so no RNG is consumed. Returns the names of the rescaled modules.
-    """
-    target = model.config.hidden_size ** -0.5
-    fresh = fresh_itm_path(model)
-    layers = {"pooler": model.encoder.pooler, "itm_head": model.itm_head.classifier}
-    for name in fresh:
-        weight = layers[name].weight
-        std = float(weight.std())
-        if std > 0:
-            weight.mul_(target / std)
-    return fresh
-
-
 class PretrainObjectives(nn.Module):
     """Model + losses; ``forward(batch) -> StepOutput`` with every named loss in ``logs``."""
 
-    def __init__(self, model: Model, tasks: Sequence[str] = TASKS, mode: str = "muvla", warmup_epochs: int = 1,
-                 itm_weight: str = "per_sample", unit_gain_itm: bool = True) -> None:
-        """``unit_gain_itm``: apply :func:`init_itm_path` to the fresh ITM path (off only to reproduce
-        the old behaviour). A resumed run loads its checkpoint afterwards, so nothing changes there."""
+    def __init__(self, model: Model, tasks: Sequence[str] = TASKS, mode: str = "muvla", warmup_samples: int = 0,
+                 itm_weight: str = "per_sample") -> None:
         super().__init__()
         unknown = [t for t in tasks if t not in TASKS]
         if unknown or not tasks:
@@ -107,29 +63,32 @@ class PretrainObjectives(nn.Module):
             raise ValueError(f"mode must be one of {TRAINING_MODES}, got {mode!r}")
         if itm_weight not in ITM_WEIGHTS:
             raise ValueError(f"itm_weight must be one of {ITM_WEIGHTS}, got {itm_weight!r}")
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if warmup_samples < 0:
+            raise ValueError(f"warmup_samples must be >= 0, got {warmup_samples}")
         self.model = model
-        self.itm_path_rescaled = init_itm_path(model) if unit_gain_itm and mode == "muvla" else []
         self.tasks = tuple(t for t in TASKS if t in tasks)
         self.mode = mode
-        self.warmup_epochs = warmup_epochs
+        self.warmup_samples = warmup_samples
         self.itm_weight = itm_weight
-        self.epoch = 0
         self.mlm = MLMLoss()
         self.mrc = MRCLoss()
         self.mrfr = MRFRLoss()
         self.pmrtc = PMRTCLoss()
         self.itm = ITMLoss()
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))  # round-robin parity, checkpointed
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by the trainer; decides warm-up (plain sum) vs curriculum."""
-        self.epoch = epoch
+        # training samples seen so far over all ranks (the curriculum's clock), checkpointed
+        self.register_buffer("samples_seen", torch.zeros((), dtype=torch.long))
 
     @property
     def curriculum_active(self) -> bool:
-        return self.mode == "muvla" and "is" in self.tasks and self.epoch >= self.warmup_epochs
+        """True once the warm-up is over (and the ITM head is trained at all)."""
+        return self.mode == "muvla" and "is" in self.tasks and int(self.samples_seen) >= self.warmup_samples
+
+    def _count_samples(self, batch_size: int) -> None:
+        """Advance the curriculum clock by this step's samples on every rank (ranks get equal batches)."""
+        if self.training:
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            self.samples_seen += batch_size * world
 
     # ---- passes -------------------------------------------------------------------------------
 
@@ -186,7 +145,8 @@ class PretrainObjectives(nn.Module):
         logs: dict[str, torch.Tensor] = {}
         zero = b.region_features.new_zeros(())
         loss_rt = self._rt(b, logs) if "rt" in self.tasks else zero
-        curriculum = self.curriculum_active
+        curriculum = self.curriculum_active  # decided on the samples seen BEFORE this batch
+        self._count_samples(len(b))
         per_sample = curriculum and self.itm_weight == "per_sample"
 
         # R-N first: its pooled output gives w_ITM of the sample's own (v, t^r) pair

@@ -33,6 +33,7 @@ from muvla.utils.shards import atomic_file
 logger = logging.getLogger(__name__)
 
 PRETRAIN_MODES = (*TRAINING_MODES, "base")  # base: no V+L pre-training, the initialised model
+REGION_INITS = ("tags", "random")  # how a fresh region projection starts
 
 
 @dataclass
@@ -55,9 +56,13 @@ class PretrainConfig(TrainerSettings):
                                     "is image-sentence)")
     k: int | None = setting(None, help="use only the first k retrieved sentences per image (default: all the "
                                        "corpus retrieved)")
-    warmup_epochs: int = setting(1, help="m: epochs with the plain loss sum before the ITM-weighted curriculum")
+    warmup_samples: int = setting(100_000, help="m, in training samples over all ranks: plain loss sum before the "
+                                                "ITM-weighted curriculum (the paper's one CC3M epoch is ~3M)")
     itm_weight: str = setting("per_sample", choices=ITM_WEIGHTS,
                               help="per_sample (METHOD) or batch_mean (what the reference code effectively did)")
+    region_init: str = setting("tags", choices=REGION_INITS,
+                               help="tags: fit a fresh region projection to the detector tags' word embeddings "
+                                    "before the first step; random: BERT's N(0, 0.02)")
     mask_prob: float = setting(0.15, help="masking probability of tokens and regions")
     max_text_len: int = setting(36, help="tokens incl. [CLS]/[SEP]; also the tag-sequence limit")
     max_regions: int = setting(50, help="regions per image fed to the model (the first ones)")
@@ -77,8 +82,8 @@ class PretrainConfig(TrainerSettings):
             raise ConfigError(f"pretrain: tasks has duplicates: {self.tasks}")
         if self.k is not None and self.k < 1:
             raise ConfigError(f"pretrain: k must be >= 1 (or null for all retrieved sentences), got {self.k}")
-        if self.warmup_epochs < 0:
-            raise ConfigError(f"pretrain: warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.warmup_samples < 0:
+            raise ConfigError(f"pretrain: warmup_samples must be >= 0, got {self.warmup_samples}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ConfigError(f"pretrain: mask_prob must be in (0, 1), got {self.mask_prob}")
         if self.max_text_len < 3:
@@ -164,12 +169,15 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         return summary
 
     from muvla.pretraining.data import PretrainCollator, PretrainCorpus, PretrainDataset
+    from muvla.pretraining.grounding import ground_region_projection
     from muvla.pretraining.objectives import PretrainObjectives
 
     corpus = PretrainCorpus(layout, tokenizer, cfg.max_text_len, cfg.max_regions, cfg.k)
+    if cfg.region_init == "tags" and "encoder.embeddings.region_feature_proj.weight" in model.loading_info.initialised:
+        summary["region_projection_fit_regions"] = ground_region_projection(model, corpus)
     dataset = PretrainDataset(corpus)
     collate = PretrainCollator(corpus, cfg.mask_prob, neg_fraction=0.0 if cfg.mode == "round_robin" else 0.5)
-    objectives = PretrainObjectives(model, cfg.tasks, cfg.mode, cfg.warmup_epochs, cfg.itm_weight)
+    objectives = PretrainObjectives(model, cfg.tasks, cfg.mode, cfg.warmup_samples, cfg.itm_weight)
     if dist.is_main:
         logger.info("pre-training %s on %d images (%s)", cfg.mode, len(dataset), corpus.summary()["skipped"])
     trainer = Trainer(objectives, dataset, collate, cfg.train_config(), dist_info=dist)
