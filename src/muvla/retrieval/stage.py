@@ -21,6 +21,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,15 +160,14 @@ def encode_units(cfg: RetrievalSettings, plan: UnitPlan, text: TextOutput, n: in
     ranges = unit_ranges(n, cfg.unit_size)
     todo = plan.todo()
     encoded = 0
-    texts: list[str] = []
     if todo:
-        texts = text.all_texts()  # only when there is something to encode (waiting shards rerun often)
         encoders.load_sentence_encoder(cfg.model, cfg.device)  # load outside the timed loop
     t0 = time.time()
     for u in progress(todo, desc="encode sentences", unit="unit"):
         start, stop = ranges[u]
-        emb = encoders.encode(texts[start:stop], batch_size=cfg.encode_batch_size, model=cfg.model,
-                              device=cfg.device)
+        texts = text.texts(range(start, stop))  # one unit's sentences: the corpus is never all in memory
+        emb = encoders.encode([texts[i] for i in range(start, stop)], batch_size=cfg.encode_batch_size,
+                              model=cfg.model, device=cfg.device)
         with plan.write(u) as tmp, open(tmp, "wb") as f:
             np.save(f, emb.astype(np.float16))
         encoded += stop - start
@@ -177,34 +177,45 @@ def encode_units(cfg: RetrievalSettings, plan: UnitPlan, text: TextOutput, n: in
             "encode_sentences_per_s": round(encoded / seconds, 1) if encoded and seconds > 0 else None}
 
 
-def load_embeddings(plan: UnitPlan, n_sentences: int, unit_size: int) -> np.ndarray:
-    """All unit parts concatenated as float32 [n, d] (unit i holds ids [i*U, (i+1)*U))."""
-    parts = []
+def kept_unit_blocks(plan: UnitPlan, n_sentences: int, unit_size: int, keep: np.ndarray) -> Iterator[np.ndarray]:
+    """The kept sentences' embeddings, one unit at a time, as float32 [m, d] (unit i holds ids
+    [i*U, (i+1)*U)). WHY per unit: the whole float32 matrix is 4.6 GB at 3M sentences, and an index
+    only needs one unit at a time to add it."""
     for u, (start, stop) in enumerate(unit_ranges(n_sentences, unit_size)):
-        arr = np.load(plan.path(u))
+        arr = np.load(plan.path(u), mmap_mode="r")
         if arr.shape[0] != stop - start:
             raise ConfigError(f"{plan.path(u)} has {arr.shape[0]} rows, expected {stop - start}; delete it and rerun")
-        parts.append(arr)
-    return np.ascontiguousarray(np.concatenate(parts).astype(np.float32))
+        lo, hi = np.searchsorted(keep, [start, stop])
+        yield np.ascontiguousarray(arr[keep[lo:hi] - start], dtype=np.float32)
 
 
-def build_index(emb: np.ndarray, spec: str, train_size: int, seed: int = 0) -> Any:
-    """Inner-product faiss index from an index-factory string; trained on a sample when needed."""
+def build_index(blocks: Callable[[], Iterable[np.ndarray]], n: int, spec: str, train_size: int,
+                seed: int = 0) -> Any:
+    """Inner-product faiss index from an index-factory string over ``n`` vectors that ``blocks()``
+    yields in order (float32 [m, d] each); trained on a uniform sample of ``train_size`` of them when
+    the index needs training. ``blocks`` is called once more for that sample, so only one block and
+    the sample are ever in memory next to the index."""
     import faiss
 
-    d = emb.shape[1]
+    d = next(iter(blocks())).shape[1]
     try:
         index = faiss.IndexFlatIP(d) if spec == "Flat" else faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
         raise ConfigError(f"retrieval: faiss cannot build index {spec!r}: {err}") from err
     if not index.is_trained:
         rng = np.random.default_rng(seed)
-        sample = emb if emb.shape[0] <= train_size else emb[np.sort(rng.choice(emb.shape[0], train_size, replace=False))]
+        rows = np.arange(n) if n <= train_size else np.sort(rng.choice(n, train_size, replace=False))
+        sample, offset = [], 0
+        for block in blocks():
+            lo, hi = np.searchsorted(rows, [offset, offset + block.shape[0]])
+            sample.append(block[rows[lo:hi] - offset])
+            offset += block.shape[0]
         try:
-            index.train(sample)
+            index.train(np.concatenate(sample))
         except RuntimeError as err:
-            raise ConfigError(f"retrieval: training index {spec!r} on {sample.shape[0]} sentences failed: {err}") from err
-    index.add(emb)
+            raise ConfigError(f"retrieval: training index {spec!r} on {rows.size} sentences failed: {err}") from err
+    for block in blocks():
+        index.add(block)
     return index
 
 
@@ -227,8 +238,8 @@ def _index_over(cfg: RetrievalSettings, output: RetrievalOutput, plan: UnitPlan,
 
     if output.index.exists() and output.index_ids.exists() and _read_json(output.index_meta) == meta:
         return faiss.read_index(str(output.index)), np.load(output.index_ids), True
-    emb = load_embeddings(plan, n, cfg.unit_size)
-    index = build_index(emb[keep], cfg.index, cfg.train_size)
+    index = build_index(lambda: kept_unit_blocks(plan, n, cfg.unit_size, keep), int(keep.size), cfg.index,
+                        cfg.train_size)
     with atomic_file(output.index) as tmp:
         faiss.write_index(index, str(tmp))
     with atomic_file(output.index_ids) as tmp, open(tmp, "wb") as f:
