@@ -293,3 +293,42 @@ def test_index_from_units_equals_the_in_memory_build(tmp_path: Path, spec: str) 
         reference.train(whole[sample])
     reference.add(whole)
     assert np.array_equal(faiss.serialize_index(streamed), faiss.serialize_index(reference))
+
+
+def test_topk_rows_skip_missing_neighbours_and_count_short_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An approximate index may return -1 (fewer than K neighbours): those slots are skipped, ranks
+    stay 0..found-1 in image order, identical queries share one search, and the summary counts the
+    images that got fewer than K."""
+    from muvla.retrieval import stage
+
+    class FakeIndex:
+        def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            labels = np.array([[2, -1, 0], [-1, -1, -1], [1, 0, 2]])[: len(q), :k]
+            return np.where(labels >= 0, 0.5, -1.0).astype(np.float32), labels
+
+    queries = stage._Queries(["a", "b", "c", "d"], ["q0", "q1", "q0", "q2"], [])
+    monkeypatch.setattr(stage.encoders, "encode", lambda texts, **_: np.zeros((len(texts), 4), np.float32))
+    topk = stage._search(stage.RetrievalSettings(), FakeIndex(), np.array([10, 11, 12]), queries, 3)
+    assert topk.image_id == ["a", "a", "c", "c", "d", "d", "d"]
+    assert topk.rank.tolist() == [0, 1, 0, 1, 0, 1, 2]
+    assert topk.sentence_id.tolist() == [12, 10, 12, 10, 11, 10, 12]
+    assert topk.score.dtype == np.float32 and topk.rank.dtype == np.int32
+    short = int(np.count_nonzero(topk.rank == 0) - np.count_nonzero(topk.rank == 2))  # as run_retrieval counts
+    assert short == sum(1 for pairs in topk.by_image().values() if len(pairs) < 3) == 2
+
+
+def test_tags_and_topk_ids_are_shared_strings(corpus: tuple[Path, Path], flat_run: Path) -> None:
+    """Every occurrence of a tag (and each of an image's K top-K rows) is one string object, so a
+    CC3M-size index does not hold ~10^8 copies."""
+    from muvla.corpus.layout import RegionsOutput, RetrievalOutput
+
+    _, regions = corpus
+    ids, tags = RegionsOutput(regions).image_tags()
+    assert dict(zip(ids, tags)) == IMAGES
+    people = tags[ids.index("img-e")]
+    assert people[0] is people[1] is people[2]
+    assert tags[ids.index("img-a")][0] is tags[ids.index("img-a")][1]
+    topk = RetrievalOutput(flat_run).read_topk()
+    first = {}
+    for image_id in topk.image_id:
+        assert first.setdefault(image_id, image_id) is image_id
