@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -94,6 +95,9 @@ def test_run_phrases_end_to_end(tmp_path: Path) -> None:
     assert sp[2]["phrases"][b0["region_phrase"][0]] == "A young woman"
     assert matches[4]["region_phrase"] == []  # image without regions
     assert 0 < summary["mean_best_similarity"] <= 1
+    best = [s for m in matches for p, s in zip(m["region_phrase"], m["region_sim"]) if p >= 0]
+    assert summary["regions_matched"] == len(best)  # counted unit by unit while merging
+    assert summary["mean_best_similarity"] == round(float(np.mean(best)), 4)
     assert json.loads((out / "summary.json").read_text())["pairs"] == 5
 
     # resume: a lost unit is recomputed and the merged outputs are identical
@@ -173,3 +177,23 @@ def test_real_cc3m_captions_smoke(shared_data: Path) -> None:
             phrase_ids = tok(phrase, add_special_tokens=False)["input_ids"]
             assert tok.decode(ids[ts:te]).replace(" ", "") == tok.decode(phrase_ids).replace(" ", "")
     assert with_phrase > 0.8 * len(texts)
+
+
+def test_table_writer_streams_row_groups_and_publishes_atomically(tmp_path: Path) -> None:
+    """The phrases merge appends its units to matches.parquet without holding them all."""
+    from muvla.corpus.layout import MATCHES_SCHEMA, PairMatch, PhrasesOutput, TableWriter
+
+    units = [PhrasesOutput.matches_table([PairMatch(f"img{u}", r, u, [0, -1], [0.5, 0.0]) for r in range(3)])
+             for u in range(5)]
+    path = tmp_path / "matches.parquet"
+    with TableWriter(path, MATCHES_SCHEMA, group_rows=6) as writer:
+        for table in units:
+            writer.write(table)
+        assert not path.exists()  # published only on close
+    parquet = pq.ParquetFile(path)
+    assert [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)] == [6, 6, 3]
+    assert pq.read_table(path).equals(pa.concat_tables(units))
+    with pytest.raises(RuntimeError), TableWriter(tmp_path / "broken.parquet", MATCHES_SCHEMA) as writer:
+        writer.write(units[0])
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == [path]  # no half file, no temporary left

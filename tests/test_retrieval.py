@@ -278,3 +278,72 @@ def test_default_salient_queries_with_hubness_reranking(corpus: tuple[Path, Path
     queries = dict(zip(*pq.read_table(out / "queries.parquet").to_pydict().values()))
     assert queries["img-a"] == "two dogs, a frisbee, grass"  # no boxes of different size: first occurrence
     assert _topk(out)["img-b"][0] == 1 and _topk(out)["img-d"][0] == 9
+
+
+# ----- index built unit by unit -------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["Flat", "IVF4,Flat"])
+def test_index_from_units_equals_the_in_memory_build(tmp_path: Path, spec: str) -> None:
+    """The index is built from one embedding unit at a time (the float32 matrix of every sentence is
+    4.6 GB at CC3M size), and it is byte for byte the index the whole matrix gave."""
+    import faiss
+
+    from muvla.retrieval.stage import build_index, kept_unit_blocks
+    from muvla.utils.shards import UnitPlan, resolve_shard, unit_ranges
+
+    n, unit, d, train_size = 230, 50, 8, 60
+    rng = np.random.default_rng(3)
+    emb = rng.standard_normal((n, d)).astype(np.float32)
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float16)
+    plan = UnitPlan(tmp_path, "part", len(unit_ranges(n, unit)), resolve_shard(0, 1), ".npy")
+    for u, (start, stop) in enumerate(unit_ranges(n, unit)):
+        np.save(plan.path(u), emb[start:stop])
+    keep = np.setdiff1d(np.arange(n), [0, 7, 49, 50, 51, 229])  # excluded ids at unit edges too
+    blocks = list(kept_unit_blocks(plan, n, unit, keep))
+    assert len(blocks) == plan.n_units and max(b.shape[0] for b in blocks) <= unit
+    assert np.array_equal(np.concatenate(blocks), emb[keep].astype(np.float32))
+
+    streamed = build_index(lambda: kept_unit_blocks(plan, n, unit, keep), int(keep.size), spec, train_size)
+    # the build as it was: every unit in one float32 matrix, the kept rows copied, sampled, added
+    whole = emb.astype(np.float32)[keep]
+    reference = faiss.IndexFlatIP(d) if spec == "Flat" else faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+    if not reference.is_trained:
+        sample = np.sort(np.random.default_rng(0).choice(whole.shape[0], train_size, replace=False))
+        reference.train(whole[sample])
+    reference.add(whole)
+    assert np.array_equal(faiss.serialize_index(streamed), faiss.serialize_index(reference))
+
+
+def test_topk_rows_skip_missing_neighbours_and_count_short_images() -> None:
+    """An approximate index may return -1 (fewer than K neighbours): those slots are skipped, ranks
+    stay 0..found-1 in image order, and the summary's count of images with fewer than K holds."""
+    from muvla.retrieval.rerank import Ranking
+    from muvla.retrieval.stage import topk_rows
+
+    ids = np.array([[2, -1, 0], [-1, -1, -1], [2, -1, 0], [1, 0, 2]])
+    scores = np.where(ids >= 0, 0.5, 0.0).astype(np.float32)
+    topk = topk_rows(["a", "b", "c", "d"], Ranking(ids, scores, scores + 0.1), np.array([10, 11, 12]))
+    assert topk.image_id == ["a", "a", "c", "c", "d", "d", "d"]
+    assert topk.rank.tolist() == [0, 1, 0, 1, 0, 1, 2]
+    assert topk.sentence_id.tolist() == [12, 10, 12, 10, 11, 10, 12]
+    assert topk.score.dtype == np.float32 and topk.rank.dtype == np.int32
+    assert np.allclose(topk.cosine, 0.6)
+    short = int(np.count_nonzero(topk.rank == 0) - np.count_nonzero(topk.rank == 2))  # as run_retrieval counts
+    assert short == sum(1 for pairs in topk.by_image().values() if len(pairs) < 3) == 2
+
+
+def test_tags_and_topk_ids_are_shared_strings(corpus: tuple[Path, Path], flat_run: Path) -> None:
+    """Every occurrence of a tag (and each of an image's K top-K rows) is one string object, so a
+    CC3M-size index does not hold ~10^8 copies."""
+    from muvla.corpus.layout import RegionsOutput, RetrievalOutput
+
+    _, regions = corpus
+    ids, tags = RegionsOutput(regions).image_tags()
+    assert dict(zip(ids, tags)) == IMAGES
+    people = tags[ids.index("img-e")]
+    assert people[0] is people[1] is people[2]
+    assert tags[ids.index("img-a")][0] is tags[ids.index("img-a")][1]
+    topk = RetrievalOutput(flat_run).read_topk()
+    first = {}
+    for image_id in topk.image_id:
+        assert first.setdefault(image_id, image_id) is image_id

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from muvla.corpus.layout import TextOutput
+from muvla.corpus import layout
+from muvla.corpus.layout import SentenceWriter, TextOutput
 from muvla.text import TextConfig, detect_format, run_text
 from muvla.text.readers import BadCorpusFile, read_book, read_cc3m, read_coco, read_plain
 from muvla.utils.config import ConfigError
@@ -234,3 +236,22 @@ def test_real_corpora_smoke(tmp_path: Path, shared_data: Path) -> None:
     assert not any("Project Gutenberg" in t for t in texts)
     assert "It is a truth universally acknowledged, that a single man in possession of a good fortune, " \
            "must be in want of a wife." in texts
+
+
+def test_texts_by_id_reads_only_the_row_groups_holding_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The phrases stage asks for a few hundred ids per unit; each call must read the row groups that
+    hold them, not the whole store (otherwise the stage is O(units x corpus))."""
+    monkeypatch.setattr(SentenceWriter, "FLUSH_ROWS", 10)
+    out = TextOutput(tmp_path / "text")
+    with out.writer() as writer:
+        for i in range(95):
+            writer.add(f"sentence number {i}", "src")
+    parquet = pq.ParquetFile(out.sentences)
+    assert parquet.metadata.num_row_groups == 10
+    assert layout._row_groups_with(parquet, "sentence_id", np.array([12, 15, 19])) == [1]
+    assert layout._row_groups_with(parquet, "sentence_id", np.array([3, 47, 94])) == [0, 4, 9]
+    assert layout._row_groups_with(parquet, "sentence_id", np.array([], dtype=np.int64)) == []
+    wanted = [94, 3, 47, 12, 12]
+    assert out.texts(wanted) == {i: f"sentence number {i}" for i in wanted}
+    assert out.texts(range(95)) == dict(enumerate(out.all_texts()))
+    assert out.texts([200]) == {}

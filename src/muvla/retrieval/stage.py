@@ -24,6 +24,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,13 @@ from muvla.corpus.provenance import (
     reused_summary,
 )
 from muvla.retrieval.queries import QUERY_MODES, TaggedImage
-from muvla.retrieval.rerank import HUBNESS_CORRECTIONS, RankingConfig, rank_images, read_tagged_images
+from muvla.retrieval.rerank import (
+    HUBNESS_CORRECTIONS,
+    Ranking,
+    RankingConfig,
+    rank_images,
+    read_tagged_images,
+)
 from muvla.utils.config import ConfigError, check_choices, output_settings, save_config, setting
 from muvla.utils.progress import progress
 from muvla.utils.shards import UnitPlan, atomic_file, clean_stale_tmp, unit_ranges
@@ -151,15 +158,14 @@ def encode_units(cfg: RetrievalSettings, plan: UnitPlan, text: TextOutput, n: in
     ranges = unit_ranges(n, cfg.unit_size)
     todo = plan.todo()
     encoded = 0
-    texts: list[str] = []
     if todo:
-        texts = text.all_texts()  # only when there is something to encode (waiting shards rerun often)
         encoders.get_encoder(cfg.model, cfg.device, cfg.encoder_backend)  # load (export) outside the timed loop
     t0 = time.time()
     for u in progress(todo, desc="encode sentences", unit="unit"):
         start, stop = ranges[u]
-        emb = encoders.encode(texts[start:stop], batch_size=cfg.encode_batch_size, model=cfg.model,
-                              device=cfg.device, backend=cfg.encoder_backend)
+        texts = text.texts(range(start, stop))  # one unit's sentences: the corpus is never all in memory
+        emb = encoders.encode([texts[i] for i in range(start, stop)], batch_size=cfg.encode_batch_size,
+                              model=cfg.model, device=cfg.device, backend=cfg.encoder_backend)
         with plan.write(u) as tmp, open(tmp, "wb") as f:
             np.save(f, emb.astype(np.float16))
         encoded += stop - start
@@ -169,34 +175,45 @@ def encode_units(cfg: RetrievalSettings, plan: UnitPlan, text: TextOutput, n: in
             "encode_sentences_per_s": round(encoded / seconds, 1) if encoded and seconds > 0 else None}
 
 
-def load_embeddings(plan: UnitPlan, n_sentences: int, unit_size: int) -> np.ndarray:
-    """All unit parts concatenated as float32 [n, d] (unit i holds ids [i*U, (i+1)*U))."""
-    parts = []
+def kept_unit_blocks(plan: UnitPlan, n_sentences: int, unit_size: int, keep: np.ndarray) -> Iterator[np.ndarray]:
+    """The kept sentences' embeddings, one unit at a time, as float32 [m, d] (unit i holds ids
+    [i*U, (i+1)*U)). WHY per unit: the whole float32 matrix is 4.6 GB at 3M sentences, and an index
+    only needs one unit at a time to add it."""
     for u, (start, stop) in enumerate(unit_ranges(n_sentences, unit_size)):
-        arr = np.load(plan.path(u))
+        arr = np.load(plan.path(u), mmap_mode="r")
         if arr.shape[0] != stop - start:
             raise ConfigError(f"{plan.path(u)} has {arr.shape[0]} rows, expected {stop - start}; delete it and rerun")
-        parts.append(arr)
-    return np.ascontiguousarray(np.concatenate(parts).astype(np.float32))
+        lo, hi = np.searchsorted(keep, [start, stop])
+        yield np.ascontiguousarray(arr[keep[lo:hi] - start], dtype=np.float32)
 
 
-def build_index(emb: np.ndarray, spec: str, train_size: int, seed: int = 0) -> Any:
-    """Inner-product faiss index from an index-factory string; trained on a sample when needed."""
+def build_index(blocks: Callable[[], Iterable[np.ndarray]], n: int, spec: str, train_size: int,
+                seed: int = 0) -> Any:
+    """Inner-product faiss index from an index-factory string over ``n`` vectors that ``blocks()``
+    yields in order (float32 [m, d] each); trained on a uniform sample of ``train_size`` of them when
+    the index needs training. ``blocks`` is called once more for that sample, so only one block and
+    the sample are ever in memory next to the index."""
     import faiss
 
-    d = emb.shape[1]
+    d = next(iter(blocks())).shape[1]
     try:
         index = faiss.IndexFlatIP(d) if spec == "Flat" else faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
         raise ConfigError(f"retrieval: faiss cannot build index {spec!r}: {err}") from err
     if not index.is_trained:
         rng = np.random.default_rng(seed)
-        sample = emb if emb.shape[0] <= train_size else emb[np.sort(rng.choice(emb.shape[0], train_size, replace=False))]
+        rows = np.arange(n) if n <= train_size else np.sort(rng.choice(n, train_size, replace=False))
+        sample, offset = [], 0
+        for block in blocks():
+            lo, hi = np.searchsorted(rows, [offset, offset + block.shape[0]])
+            sample.append(block[rows[lo:hi] - offset])
+            offset += block.shape[0]
         try:
-            index.train(sample)
+            index.train(np.concatenate(sample))
         except RuntimeError as err:
-            raise ConfigError(f"retrieval: training index {spec!r} on {sample.shape[0]} sentences failed: {err}") from err
-    index.add(emb)
+            raise ConfigError(f"retrieval: training index {spec!r} on {rows.size} sentences failed: {err}") from err
+    for block in blocks():
+        index.add(block)
     return index
 
 
@@ -219,8 +236,8 @@ def _index_over(cfg: RetrievalSettings, output: RetrievalOutput, plan: UnitPlan,
 
     if output.index.exists() and output.index_ids.exists() and _read_json(output.index_meta) == meta:
         return faiss.read_index(str(output.index)), np.load(output.index_ids), True
-    emb = load_embeddings(plan, n, cfg.unit_size)
-    index = build_index(emb[keep], cfg.index, cfg.train_size)
+    index = build_index(lambda: kept_unit_blocks(plan, n, cfg.unit_size, keep), int(keep.size), cfg.index,
+                        cfg.train_size)
     with atomic_file(output.index) as tmp:
         faiss.write_index(index, str(tmp))
     with atomic_file(output.index_ids) as tmp, open(tmp, "wb") as f:
@@ -255,21 +272,19 @@ def _search(cfg: RetrievalSettings, index: Any, index_ids: np.ndarray, embedding
     encode = functools.partial(encoders.encode, batch_size=cfg.encode_batch_size, model=cfg.model,
                                device=cfg.device, backend=cfg.encoder_backend)
     ranked = rank_images(images, index, embeddings, k, ranking, encode)
-    rows_image, rows_rank, rows_sid, rows_score, rows_cos = [], [], [], [], []
-    for i, image in enumerate(images):
-        found = 0
-        for r in range(k):
-            if ranked.ids[i, r] < 0:
-                continue
-            rows_image.append(image.image_id)
-            rows_rank.append(found)
-            rows_sid.append(int(index_ids[ranked.ids[i, r]]))
-            rows_score.append(float(ranked.scores[i, r]))
-            rows_cos.append(float(ranked.cosines[i, r]))
-            found += 1
-    topk = TopK(rows_image, np.asarray(rows_rank, np.int32), np.asarray(rows_sid, np.int64),
-                np.asarray(rows_score, np.float32), np.asarray(rows_cos, np.float32))
-    return topk, ranked.queries
+    return topk_rows([im.image_id for im in images], ranked, index_ids), ranked.queries
+
+
+def topk_rows(image_ids: list[str], ranked: Ranking, index_ids: np.ndarray) -> TopK:
+    """The top-K table of a ranking: slots without a neighbour (-1) are skipped, an image's ranks are
+    0..found-1, rows in image order then rank order. Array operations, not a Python object per pair
+    (15M pairs at CC3M size were ~1.3 GB of Python ints and floats)."""
+    found = ranked.ids >= 0
+    image, col = np.nonzero(found)
+    rank = (np.cumsum(found, axis=1) - 1)[image, col]
+    return TopK([image_ids[i] for i in image.tolist()], rank.astype(np.int32),
+                index_ids[ranked.ids[image, col]].astype(np.int64), ranked.scores[image, col].astype(np.float32),
+                ranked.cosines[image, col].astype(np.float32))
 
 
 def _hubness(topk: TopK, n_indexed: int, n: int) -> dict[str, Any]:
@@ -352,7 +367,8 @@ def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
     output.write_topk(topk)
     with atomic_file(output.skipped) as tmp:
         tmp.write_text("".join(json.dumps(s) + "\n" for s in skipped), encoding="utf-8")
-    n_short = sum(1 for pairs in topk.by_image().values() if len(pairs) < cfg.k)
+    # an image's ranks are 0..found-1: images with a row minus those with all K (no per-image dict)
+    n_short = int(np.count_nonzero(topk.rank == 0) - np.count_nonzero(topk.rank == cfg.k - 1))
     unique = len({q for _, q in with_query})
     summary.update(
         status="done", query_mode=cfg.query_mode, hubness_correction=cfg.hubness, index=cfg.index, k=cfg.k,
