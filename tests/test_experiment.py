@@ -79,3 +79,26 @@ def test_experiment_settings_are_checked_first(tmp_path: Path) -> None:
         tiny_experiment(tmp_path, pretrain={"mode": "base"})
     with pytest.raises(ConfigError, match="text setting bc needs a text corpus"):
         tiny_experiment(tmp_path, text_setting="bc", pool=[])
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", ["flickr8k", "coco_mini"])
+def test_shipped_experiment_configs_validate_on_the_shared_data(name: str, repo: Path, monkeypatch) -> None:
+    """The configs README runs name ../shared/data relative to the repository root, and are valid there."""
+    monkeypatch.chdir(repo)
+    cfg = load_config(ExperimentConfig, repo / "configs" / "experiments" / f"{name}.yaml", {"out": "runs/check"})
+    assert len(cfg.seeds) >= 3 and "muvla" in cfg.models and "base" in cfg.models
+
+
+def test_paper_experiment_config_is_complete(tmp_path: Path, repo: Path) -> None:
+    """Every setting of the GPU config is a real setting; only its data paths are the user's."""
+    (tmp_path / "images").mkdir()
+    files = {key: tmp_path / f"{key}.txt" for key in ("captions", "pool", "features", "predictions")}
+    for path in files.values():
+        path.write_text("x\n", encoding="utf-8")
+    cfg = load_config(ExperimentConfig, repo / "configs" / "experiments" / "paper.yaml", {
+        "out": str(tmp_path / "exp"), "images": str(tmp_path / "images"), "captions": str(files["captions"]),
+        "pool": [str(files["pool"])], "regions.vinvl_features": str(files["features"]),
+        "regions.vinvl_predictions": str(files["predictions"])})
+    assert cfg.pretrain["init"] == "bert-base-uncased" and cfg.pretrain["warmup_samples"] == 3_000_000
+    assert set(cfg.models) >= {"base", "round_robin", "joint_unaligned", "muvla", "aligned", "aligned_ratio_0.5"}

@@ -119,7 +119,9 @@ def describe(summary: dict) -> list[str]:
              f"top-{retrieval.get('k')} retrieved per image"]
     pretrain = summary.get("pretrain")
     if pretrain:
-        lines.append(f"  pre-training: {pretrain.get('steps')} steps, final loss {pretrain.get('final_loss')}")
+        loss = pretrain.get("final_loss")
+        loss_text = f"{loss:.2f}" if isinstance(loss, (int, float)) else "n/a"
+        lines.append(f"  pre-training: {pretrain.get('steps')} steps, final loss {loss_text}")
     zero_shot = summary.get("zero_shot_retrieval", {})
     for name, m in zero_shot.items():
         lines.append(f"  zero-shot retrieval, {name}: mean recall {m['mean_recall']:.3f} (95% CI "
