@@ -70,14 +70,10 @@ class CropFeaturizer:
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """RGB image + boxes [P, 4] -> (features [P, 1280], probs [P, 1000]) as float32."""
-        height, width = image.shape[:2]
-        crops = []
-        for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64):
-            left = min(max(int(math.floor(x1)), 0), width - 1)
-            top = min(max(int(math.floor(y1)), 0), height - 1)
-            right = max(min(int(math.ceil(x2)), width), left + 1)
-            bottom = max(min(int(math.ceil(y2)), height), top + 1)
-            crops.append(image[top:bottom, left:right])
+        return self.crop_features([crop(image, box) for box in np.asarray(boxes, dtype=np.float64)])
+
+    def crop_features(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel crops (of one or several images) -> (features [N, 1280], probs [N, 1000]), in backbone batches."""
         feats, probs = [], []
         with torch.no_grad():
             for s in range(0, len(crops), self.batch_size):
@@ -86,7 +82,21 @@ class CropFeaturizer:
                 pooled = self.model.forward_features(x).mean(dim=(2, 3))
                 feats.append(pooled)
                 probs.append(self.model.classify(pooled).softmax(dim=-1))
+        if not feats:
+            return (np.zeros((0, EfficientNetLite0.feature_dim), np.float32),
+                    np.zeros((0, EfficientNetLite0.num_classes), np.float32))
         return torch.cat(feats).numpy(), torch.cat(probs).numpy()
+
+
+def crop(image: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Pixels of ``box`` (at least one pixel, inside the image)."""
+    height, width = image.shape[:2]
+    x1, y1, x2, y2 = (float(v) for v in box)
+    left = min(max(int(math.floor(x1)), 0), width - 1)
+    top = min(max(int(math.floor(y1)), 0), height - 1)
+    right = max(min(int(math.ceil(x2)), width), left + 1)
+    bottom = max(min(int(math.ceil(y2)), height), top + 1)
+    return image[top:bottom, left:right]
 
 
 class ImageFolderMixin:

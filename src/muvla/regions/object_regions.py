@@ -9,16 +9,14 @@ images go through the backbone together) and tags normalised to caption words.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from muvla.corpus.regions import ImageRegions
-from muvla.regions.detector import CropFeaturizer, ImageFolderMixin, InputItem, _mark_duplicates
-from muvla.regions.efficientnet import EfficientNetLite0, imagenet_tags, preprocess
+from muvla.regions.detector import CropFeaturizer, ImageFolderMixin, InputItem, _mark_duplicates, crop
+from muvla.regions.efficientnet import EfficientNetLite0, imagenet_tags
 from muvla.regions.images import RejectedImage, list_images
 from muvla.regions.proposals import box_iou, nms, whole_image_box
 from muvla.regions.tags import caption_word
@@ -92,31 +90,11 @@ def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     return out
 
 
-def crop(image: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """Pixels of ``box`` (at least one pixel, inside the image)."""
-    height, width = image.shape[:2]
-    x1, y1, x2, y2 = (float(v) for v in box)
-    left = min(max(int(math.floor(x1)), 0), width - 1)
-    top = min(max(int(math.floor(y1)), 0), height - 1)
-    right = max(min(int(math.ceil(x2)), width), left + 1)
-    bottom = max(min(int(math.ceil(y2)), height), top + 1)
-    return image[top:bottom, left:right]
-
-
 def featurize_batch(featurizer: CropFeaturizer, images: list[np.ndarray], boxes: list[np.ndarray]
                     ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Crop features of several images in shared backbone batches: per image (features, ImageNet probs)."""
     crops = [crop(image, box) for image, bxs in zip(images, boxes) for box in bxs]
-    feats, probs = [], []
-    with torch.no_grad():
-        for s in range(0, len(crops), featurizer.batch_size):
-            x = preprocess(crops[s:s + featurizer.batch_size], featurizer.crop_size).contiguous(
-                memory_format=torch.channels_last)
-            pooled = featurizer.model.forward_features(x).mean(dim=(2, 3))
-            feats.append(pooled)
-            probs.append(featurizer.model.classify(pooled).softmax(dim=-1))
-    all_feats = torch.cat(feats).numpy() if feats else np.zeros((0, EfficientNetLite0.feature_dim), np.float32)
-    all_probs = torch.cat(probs).numpy() if probs else np.zeros((0, EfficientNetLite0.num_classes), np.float32)
+    all_feats, all_probs = featurizer.crop_features(crops)
     out, start = [], 0
     for bxs in boxes:
         out.append((all_feats[start:start + len(bxs)], all_probs[start:start + len(bxs)]))

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from muvla.utils.shards import atomic_file
+
+T = TypeVar("T")
 
 NO_REGIONS = "image has no regions"
 
@@ -81,6 +83,12 @@ def merge_reports(reports: Sequence[LoadReport]) -> LoadReport:
         out.notes.update(r.notes)
         out.records.extend(r.records)
     return out
+
+
+def load_each(results: Iterable[tuple[list[T], LoadReport]]) -> tuple[list[T], LoadReport]:
+    """The examples of several files' ``(examples, report)`` results, in file order, and one merged report."""
+    results = list(results)
+    return [ex for exs, _ in results for ex in exs], merge_reports([rep for _, rep in results])
 
 
 def read_json(path: str | Path) -> Any:

@@ -25,7 +25,7 @@ from muvla.corpus.regions import RegionStore
 from muvla.model import Model, ModelConfig
 from muvla.model.modeling import EncoderOutput
 from muvla.tasks.batch import TaskBatch, TaskItem, get_regions
-from muvla.tasks.files import NO_REGIONS, HasRegions, LoadReport, iter_jsonl, merge_reports, missing_field
+from muvla.tasks.files import NO_REGIONS, HasRegions, LoadReport, iter_jsonl, load_each, missing_field
 from muvla.tasks.model import MLPHead, TaskModel
 from muvla.tasks.spec import (
     DataOptions,
@@ -124,8 +124,7 @@ def load_nlvr2(jsonl: str | Path, image_dir: str | Path | None,
 
 def read_nlvr2(files: Sequence[Path], options: ReadOptions) -> tuple[list[NLVR2Example], LoadReport]:
     """The spec's reader: one or more JSON-lines files."""
-    results = [load_nlvr2(f, options.images, options.has_regions) for f in files]
-    return [ex for exs, _ in results for ex in exs], merge_reports([rep for _, rep in results])
+    return load_each(load_nlvr2(f, options.images, options.has_regions) for f in files)
 
 
 # --------------------------------------------------------------------------------------------

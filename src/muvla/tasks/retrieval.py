@@ -40,7 +40,7 @@ from muvla.tasks.files import (
     int_or,
     iter_jsonl,
     iter_lines,
-    merge_reports,
+    load_each,
     missing_field,
     read_json,
 )
@@ -194,8 +194,7 @@ def caption_index(examples: Sequence[CaptionExample]) -> tuple[list[int | str], 
 
 def read_captions(files: Sequence[Path], options: ReadOptions) -> tuple[list[CaptionExample], LoadReport]:
     """The spec's reader: one or more captions files."""
-    results = [load_captions(f, options.has_regions) for f in files]
-    return [ex for exs, _ in results for ex in exs], merge_reports([rep for _, rep in results])
+    return load_each(load_captions(f, options.has_regions) for f in files)
 
 
 # --------------------------------------------------------------------------------------------

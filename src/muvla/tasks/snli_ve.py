@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from muvla.corpus.regions import RegionStore
 from muvla.model import ModelConfig
 from muvla.tasks.batch import TaskItem, get_regions
-from muvla.tasks.files import NO_REGIONS, HasRegions, LoadReport, iter_jsonl, merge_reports, missing_field
+from muvla.tasks.files import NO_REGIONS, HasRegions, LoadReport, iter_jsonl, load_each, missing_field
 from muvla.tasks.metrics import accuracy
 from muvla.tasks.model import MLPHead, TaskModel
 from muvla.tasks.spec import (
@@ -87,8 +87,7 @@ def load_snli_ve(jsonl: str | Path, image_dir: str | Path | None = None,
 
 def read_snli_ve(files: Sequence[Path], options: ReadOptions) -> tuple[list[SNLIVEExample], LoadReport]:
     """The spec's reader: one or more JSON-lines files."""
-    results = [load_snli_ve(f, options.images, options.has_regions) for f in files]
-    return [ex for exs, _ in results for ex in exs], merge_reports([rep for _, rep in results])
+    return load_each(load_snli_ve(f, options.images, options.has_regions) for f in files)
 
 
 class SNLIVEDataset(Dataset):
