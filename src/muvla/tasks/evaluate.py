@@ -42,7 +42,7 @@ from muvla.tasks.spec import EvalOptions, Evaluation, ReadOptions, TaskSpec
 from muvla.tasks.vocab import AnswerVocab
 from muvla.training import pick_device
 from muvla.training.distributed import DEVICES
-from muvla.utils.config import ConfigError, save_config, setting
+from muvla.utils.config import ConfigError, check_choices, save_config, setting
 from muvla.utils.shards import atomic_file
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class EvaluateConfig:
         return [Path(self.captions)] if self.captions is not None else [Path(p) for p in self.data]
 
     def validate(self) -> None:
+        check_choices(self, "evaluate")
         spec = _resolve_task(self.task, self.model)
         self.task = spec.name
         if not self.data_files():
@@ -92,8 +93,6 @@ class EvaluateConfig:
             raise ConfigError(f"max_text_len must be >= 1, got {self.max_text_len}")
         if self.max_images < 0 or self.max_captions_per_image < 0:
             raise ConfigError("max_images and max_captions_per_image must be >= 0 (0 = all)")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.torch_threads < 0:
             raise ConfigError(f"torch_threads must be >= 0 (0 = torch default), got {self.torch_threads}")
 
