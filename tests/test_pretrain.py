@@ -17,6 +17,7 @@ from muvla.corpus.regions import ImageRegions, RegionPartWriter, merge_region_pa
 from muvla.corpus.synthetic import write_synthetic_corpus
 from muvla.encoders import load_wordpiece_tokenizer
 from muvla.model import Model, ModelConfig
+from muvla.pretraining import data as pretrain_data
 from muvla.pretraining.data import PretrainCollator, PretrainCorpus, PretrainDataset
 from muvla.pretraining.masking import REGIONS, TEXT
 from muvla.pretraining.objectives import PretrainObjectives
@@ -107,6 +108,43 @@ def test_batch_masking_rules(tiny_corpus, tok):
     assert (b.negative_ids[~neg] == -1).all()
 
 
+def test_itm_negatives_come_from_the_whole_text_store(tiny_corpus, tok):
+    """METHOD's random sentence: any sentence of the corpus, not only those some image retrieved."""
+    corpus = PretrainCorpus(tiny_corpus, tok)
+    retrieved = {s for sids in corpus.image_sentences for s in sids}
+    assert corpus.negatives == "corpus" and corpus.pool.tolist() == list(range(corpus.layout.text.count()))
+    assert len(corpus.pool) > len(retrieved)  # the tiny corpus has sentences no image retrieved
+    texts = corpus.layout.text.texts(corpus.pool.tolist())
+    ds, collate = PretrainDataset(corpus), PretrainCollator(corpus)
+    drawn = set()
+    for seed in range(12):
+        b = seeded_batch(collate, ds, list(range(24)), seed=seed)
+        for i in (b.itm_labels == 0).nonzero()[:, 0].tolist():
+            sid = int(b.negative_ids[i])
+            assert sid not in corpus.image_sentences[int(b.image_index[i])]  # never one of the image's top-K
+            body = b.is_attention_mask[i].sum() - 2
+            assert tok.decode(corpus.negative_tokens[sid][1:-1]) == tok.decode(
+                tok(texts[sid], add_special_tokens=False)["input_ids"][:int(body)])
+            drawn.add(sid)
+    assert drawn - retrieved  # some negatives are sentences nobody retrieved
+
+    only_retrieved = PretrainCorpus(tiny_corpus, tok, negatives="retrieved")
+    assert set(only_retrieved.pool.tolist()) == retrieved
+    with pytest.raises(ValueError, match="negatives must be one of"):
+        PretrainCorpus(tiny_corpus, tok, negatives="batch")
+
+
+def test_a_large_text_store_gives_a_bounded_fixed_negative_pool(tiny_corpus, tok, monkeypatch):
+    monkeypatch.setattr(pretrain_data, "MAX_NEGATIVE_POOL", 10)
+    a, b = PretrainCorpus(tiny_corpus, tok), PretrainCorpus(tiny_corpus, tok)
+    assert len(a.pool) == 10 and a.pool.tolist() == b.pool.tolist()  # the same pool on every rank and resume
+    assert set(a.negative_tokens) >= set(a.pool.tolist())
+    collate, ds = PretrainCollator(a), PretrainDataset(a)
+    batch = seeded_batch(collate, ds, list(range(24)), seed=0)
+    neg = batch.itm_labels == 0
+    assert set(batch.negative_ids[neg].tolist()) <= set(a.pool.tolist())
+
+
 def test_rn_picks_both_modalities_over_batches(tiny_corpus, tok):
     corpus = PretrainCorpus(tiny_corpus, tok)
     ds = PretrainDataset(corpus)
@@ -186,6 +224,10 @@ def test_objectives_log_every_loss_and_follow_the_curriculum(tiny_corpus, tok):
     lg = out.logs
     assert float(lg["curriculum"]) == 0.0
     torch.testing.assert_close(out.loss, lg["loss_rt"] + lg["loss_rn"] + lg["loss_is"])
+    # itm_loss_scale multiplies the ITM term only; the logged ITM loss stays unscaled (ln 2 = chance)
+    scaled = tiny_objectives(corpus, warmup_samples=16, itm_loss_scale=10.0).eval()(b)
+    torch.testing.assert_close(scaled.logs["loss_is_itm"], lg["loss_is_itm"])
+    torch.testing.assert_close(scaled.loss, out.loss + 9.0 * lg["loss_is_itm"])
     out.loss.backward()
     assert obj.model.itm_head.classifier.weight.grad is not None
 
@@ -257,6 +299,8 @@ def test_round_robin_alternates_text_and_image_batches(tiny_corpus, tok):
     ({"tasks": ["rt", "xx"]}, "tasks: expected one of rt, rn, is"),
     ({"k": 0}, "k must be"),
     ({"itm_weight": "mean"}, "itm_weight"),
+    ({"itm_loss_scale": 0}, "itm_loss_scale must be > 0"),
+    ({"itm_negatives": "batch"}, "itm_negatives: expected one of corpus, retrieved"),
     ({"model": {"hidden": 3}}, "unknown model field"),
     ({"corpus": None}, "needs --corpus"),
     ({"batch_size": 0}, "batch_size"),

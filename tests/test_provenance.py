@@ -156,3 +156,20 @@ def test_regions_refuse_changed_inputs_instead_of_mixing_them(inputs, tmp_path: 
     summary = run_regions(RegionsConfig(out=out, images=images, overwrite=True, **REGIONS))
     assert summary["images_written"] == 4
     assert json.loads((out / "build.json").read_text())["complete"] is True
+
+
+def test_a_moved_corpus_is_reused_not_refused(inputs, tmp_path: Path) -> None:
+    """The output folder is where a stage writes, not what it writes: a moved corpus is reused as it is."""
+    images, corpus = inputs
+    _stage_by_stage(tmp_path / "run", images, corpus, "counted")
+    moved = tmp_path / "moved"
+    (tmp_path / "run").rename(moved)
+    before = {p.parent.name: p.read_bytes() for p in moved.glob("*/build.json")}
+    assert "out" not in json.loads((moved / "regions" / "build.json").read_text())["settings"]
+    assert run_regions(RegionsConfig(out=moved / "regions", images=images, **REGIONS))["reused"] is True
+    run_text(TextConfig(out=moved / "text", corpus=[corpus]))
+    run_retrieval(RetrievalConfig(out=moved / "retrieval", regions=moved / "regions", text=moved / "text", k=3,
+                                  query_mode="counted", unit_size=4))
+    run_phrases(PhrasesConfig(out=moved / "phrases", retrieval=moved / "retrieval", regions=moved / "regions",
+                              text=moved / "text"))  # every stage reuses its output: no refusal, no redo
+    assert {p.parent.name: p.read_bytes() for p in moved.glob("*/build.json")} == before

@@ -34,6 +34,9 @@ from muvla.utils.config import ConfigError
 logger = logging.getLogger(__name__)
 
 PMRTC_MAX_PIECES = 8  # WordPieces of a phrase used as p-MRTC targets (longer phrases keep the first ones)
+ITM_NEGATIVES = ("corpus", "retrieved")  # where an ITM negative sentence is drawn from
+MAX_NEGATIVE_POOL = 200_000  # corpus negatives: a uniform sample this large bounds memory and start-up at CC3M
+NEGATIVE_POOL_SEED = 0  # fixed, so every rank and every resume draws from the same pool
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,14 +50,20 @@ class PretrainCorpus:
     :class:`CorpusLayout`; ``retrieval_dir`` / ``phrases_dir`` override the last two (baselines built
     with ``muvla pairs`` keep theirs elsewhere). ``k``: use only ranks < k (the K ablation); None =
     all retrieved ranks. ``max_text_len`` counts [CLS] and [SEP]; the tag sequence of R-T uses the
-    same limit. ``max_regions``: keep an image's first regions. Whether the parts belong together is
+    same limit. ``max_regions``: keep an image's first regions. ``negatives``: where ITM negatives
+    come from: ``corpus`` (METHOD's "random sentence": any sentence of the text store, a uniform
+    sample of at most ``MAX_NEGATIVE_POOL``) or ``retrieved`` (only sentences some image retrieved,
+    which on a narrow image set are near-positives: every Flickr photo retrieves "a man ..." and
+    "a dog ..." sentences, so ITM has nothing to separate). Whether the parts belong together is
     checked by ``CorpusLayout.verify`` (``run_pretrain`` calls it); a retrieved pair without its
     region-phrase match row is refused here too.
     """
 
     def __init__(self, corpus: str | Path | CorpusLayout, tokenizer: Any, max_text_len: int = 36,
                  max_regions: int = 50, k: int | None = None, retrieval_dir: str | Path | None = None,
-                 phrases_dir: str | Path | None = None) -> None:
+                 phrases_dir: str | Path | None = None, negatives: str = "corpus") -> None:
+        if negatives not in ITM_NEGATIVES:
+            raise ValueError(f"negatives must be one of {ITM_NEGATIVES}, got {negatives!r}")
         if max_text_len < 3:
             raise ValueError(f"max_text_len must be >= 3 ([CLS] + a token + [SEP]), got {max_text_len}")
         if max_regions < 1:
@@ -68,6 +77,7 @@ class PretrainCorpus:
         self.max_text_len = max_text_len
         self.max_regions = max_regions
         self.k = k
+        self.negatives = negatives
         self.store = self.layout.regions.store()
         self.feature_dim = self.store.feature_dim
         self.skipped: Counter[str] = Counter()
@@ -82,9 +92,7 @@ class PretrainCorpus:
         self._phrase_tokens()
         self._region_matches(by_image)
         self._usable_images(by_image)
-        # ITM negative pool: every retrieved sentence; exclusions are the image's own top-K
-        self.pool = np.array(sorted({s for sids in self.image_sentences for s in sids}), dtype=np.int64)
-        self.pool_index = {int(s): i for i, s in enumerate(self.pool)}
+        self._negative_pool()
         self.max_k = max((len(s) for s in self.image_sentences), default=0)
         self._tag_cache: dict[str, list[int]] = {}
 
@@ -123,6 +131,40 @@ class PretrainCorpus:
                 self.skipped["empty_sentence"] += 1
                 continue
             self.sent_tokens[sid] = np.array([self.cls_id, *toks[:body_len], self.sep_id], dtype=np.int64)
+
+    def _negative_pool(self) -> None:
+        """``pool`` (sorted sentence ids an ITM negative is drawn from) and ``negative_tokens``.
+
+        A sample's own top-K sentences are excluded when its negative is drawn (the collator).
+        """
+        retrieved = sorted({s for sids in self.image_sentences for s in sids})
+        if self.negatives == "retrieved":
+            pool = np.array(retrieved, dtype=np.int64)
+        else:
+            total = self.layout.text.count()
+            pool = np.arange(total, dtype=np.int64)
+            if total > MAX_NEGATIVE_POOL:
+                rng = np.random.default_rng(NEGATIVE_POOL_SEED)
+                pool = np.sort(rng.choice(total, MAX_NEGATIVE_POOL, replace=False))
+        self.negative_tokens: dict[int, np.ndarray] = {int(s): self.sent_tokens[int(s)] for s in pool
+                                                       if int(s) in self.sent_tokens}
+        new = [int(s) for s in pool if int(s) not in self.negative_tokens]
+        body_len = self.max_text_len - 2
+        texts = self.layout.text.texts(new) if new else {}
+        present = [s for s in new if texts.get(s)]
+        ids = self.tokenizer([texts[s] for s in present], add_special_tokens=False)["input_ids"] if present else []
+        for sid, toks in zip(present, ids):
+            if toks:
+                self.negative_tokens[sid] = np.array([self.cls_id, *toks[:body_len], self.sep_id], dtype=np.int64)
+        self.pool = np.array(sorted(self.negative_tokens), dtype=np.int64)
+
+    def pool_positions(self, sentence_ids: Sequence[int]) -> np.ndarray:
+        """Positions in ``pool`` of these sentence ids (-1 for ids not in the pool)."""
+        ids = np.asarray(sentence_ids, dtype=np.int64)
+        if len(self.pool) == 0:
+            return np.full(len(ids), -1, dtype=np.int64)
+        pos = np.searchsorted(self.pool, ids).clip(max=len(self.pool) - 1)
+        return np.where(self.pool[pos] == ids, pos, -1)
 
     def _phrase_tokens(self) -> None:
         """token -> phrase index (shifted by 1 for [CLS]; phrases cut by truncation keep their first pieces)."""
@@ -178,7 +220,8 @@ class PretrainCorpus:
         return len(self.image_ids)
 
     def summary(self) -> dict[str, Any]:
-        return {"images": len(self.image_ids), "sentences": len(self.sent_tokens), "negative_pool": len(self.pool),
+        return {"images": len(self.image_ids), "sentences": len(self.sent_tokens), "negatives": self.negatives,
+                "negative_pool": len(self.pool),
                 "k": self.k, "max_k": self.max_k, "skipped": dict(sorted(self.skipped.items())),
                 "regions": str(self.layout.regions.root), "retrieval": str(self.layout.retrieval.root),
                 "phrases": str(self.layout.phrases.root)}
@@ -247,7 +290,7 @@ class PretrainDataset(Dataset):
         tag_ids, tag_region = c.tag_tokens(reg.tags[:n])
         region_phrase, region_sim = c.match(image_id, sid, n)
         own = np.full(c.max_k, -1, dtype=np.int64)
-        own[:len(sids)] = [c.pool_index[s] for s in sids]
+        own[:len(sids)] = c.pool_positions(sids)
         return {
             "index": i, "sentence_id": sid, "own_pool": own,
             "features": reg.features[:n],  # float16 as stored; the collator converts the padded batch once
@@ -375,7 +418,7 @@ class PretrainCollator:
         rn = mask_rn(text_ids, token_phrase >= 0, feats, region_sim, region_phrase >= 0, **tok)
         targets = phrase_targets(text_ids, token_phrase, region_phrase, PMRTC_MAX_PIECES)
 
-        # I-S: half the pairs get a random sentence that is none of the image's top-K
+        # I-S: half the pairs get a random sentence of the negative pool that is none of the image's top-K
         is_negative = torch.zeros(B, dtype=torch.bool)
         neg_ids = torch.full((B,), -1, dtype=torch.long)
         if self.neg_fraction > 0:
@@ -383,7 +426,7 @@ class PretrainCollator:
             is_negative, neg_pool = sample_itm_negatives(B, len(c.pool), g, exclude=own,
                                                          neg_fraction=self.neg_fraction)
             neg_ids = torch.where(is_negative, torch.from_numpy(c.pool)[neg_pool.clamp(min=0)], neg_ids)
-        is_seqs = [c.sent_tokens[int(neg_ids[b])] if is_negative[b] else items[b]["text_ids"] for b in range(B)]
+        is_seqs = [c.negative_tokens[int(neg_ids[b])] if is_negative[b] else items[b]["text_ids"] for b in range(B)]
         is_ids = _pad(is_seqs, c.pad_id, torch.long)
         is_mask = _pad([np.ones(len(s), dtype=bool) for s in is_seqs], False, torch.bool)
         # Corrupt negatives too but keep MLM labels on positives only (METHOD §5): with masking on

@@ -9,7 +9,10 @@
 - I-S pass, [t^r or random sentence ; regions]: ITM (BCE, 50/50) + MLM on positives.
 
 Every loss term is a scalar mean over its labelled items (``muvla.model.losses``); the total is their
-plain sum (METHOD §6), so a step's loss is a scalar mean over the micro-batch.
+plain sum (METHOD §6), so a step's loss is a scalar mean over the micro-batch. ``itm_loss_scale``
+(1 in METHOD) multiplies the ITM term: an init without an MLM head (the bundled MiniLM) starts three
+fresh MLM heads at ~ln|V| = 10 nats each, which take nearly all of the encoder's gradient in a short
+run while the ITM term sits at ln 2; a larger scale lets ITM learn within a CPU budget.
 
 Curriculum (METHOD §6): during the warm-up, the first ``warmup_samples`` training samples (counted
 over all ranks), the loss is L_RT + L_RN + L_IS; afterwards L_RT + w_ITM * (L_RN + L_IS), where w_ITM
@@ -54,7 +57,7 @@ class PretrainObjectives(nn.Module):
     """Model + losses; ``forward(batch) -> StepOutput`` with every named loss in ``logs``."""
 
     def __init__(self, model: Model, tasks: Sequence[str] = TASKS, mode: str = "muvla", warmup_samples: int = 0,
-                 itm_weight: str = "per_sample") -> None:
+                 itm_weight: str = "per_sample", itm_loss_scale: float = 1.0) -> None:
         super().__init__()
         unknown = [t for t in tasks if t not in TASKS]
         if unknown or not tasks:
@@ -65,11 +68,14 @@ class PretrainObjectives(nn.Module):
             raise ValueError(f"itm_weight must be one of {ITM_WEIGHTS}, got {itm_weight!r}")
         if warmup_samples < 0:
             raise ValueError(f"warmup_samples must be >= 0, got {warmup_samples}")
+        if not itm_loss_scale > 0:
+            raise ValueError(f"itm_loss_scale must be > 0, got {itm_loss_scale}")
         self.model = model
         self.tasks = tuple(t for t in TASKS if t in tasks)
         self.mode = mode
         self.warmup_samples = warmup_samples
         self.itm_weight = itm_weight
+        self.itm_loss_scale = itm_loss_scale
         self.mlm = MLMLoss()
         self.mrc = MRCLoss()
         self.mrfr = MRFRLoss()
@@ -122,10 +128,10 @@ class PretrainObjectives(nn.Module):
         m = self.model
         out = m(b.is_input_ids, b.is_attention_mask, b.region_features, b.region_positions, b.region_mask)
         logits = m.itm_head(out.pooled)
-        itm = self.itm(logits, b.itm_labels, sample_weight=weight)["itm"]
+        itm = self.itm(logits, b.itm_labels, sample_weight=weight)["itm"]  # logged unscaled: ln 2 is chance
         labels = b.is_mlm_labels
         mlm = self.mlm(m.mlm_head(out.text_hidden, labels != -100), labels, sample_weight=weight)["mlm"]
-        loss = itm + mlm
+        loss = self.itm_loss_scale * itm + mlm
         acc = ((logits.detach() > 0).float() == b.itm_labels).float().mean()
         return loss, {"loss_is_itm": itm.detach(), "loss_is_mlm": mlm.detach(), "loss_is": loss.detach(),
                       "itm_acc": acc}

@@ -24,6 +24,7 @@ import torch
 
 from muvla.corpus.layout import CorpusLayout
 from muvla.model import Model, ModelConfig
+from muvla.pretraining.data import ITM_NEGATIVES
 from muvla.pretraining.objectives import ITM_WEIGHTS, TASKS, TRAINING_MODES
 from muvla.training import TrainConfig, Trainer, TrainerSettings
 from muvla.training.distributed import barrier, init_distributed
@@ -58,6 +59,13 @@ class PretrainConfig(TrainerSettings):
                                        "corpus retrieved)")
     warmup_samples: int = setting(100_000, help="m, in training samples over all ranks: plain loss sum before the "
                                                 "ITM-weighted curriculum (the paper's one CC3M epoch is ~3M)")
+    itm_negatives: str = setting("corpus", choices=ITM_NEGATIVES,
+                                 help="corpus: an ITM negative is any sentence of the text store (METHOD's random "
+                                      "sentence); retrieved: only sentences some image retrieved (near-positives "
+                                      "when the images are alike)")
+    itm_loss_scale: float = setting(1.0, help="multiplies the ITM loss term (METHOD: 1); the shipped MiniLM "
+                                              "configs use 10 because MiniLM has no MLM head (README "
+                                              "'Pre-training')")
     itm_weight: str = setting("per_sample", choices=ITM_WEIGHTS,
                               help="per_sample (METHOD) or batch_mean (what the reference code effectively did)")
     region_init: str = setting("tags", choices=REGION_INITS,
@@ -84,6 +92,8 @@ class PretrainConfig(TrainerSettings):
             raise ConfigError(f"pretrain: k must be >= 1 (or null for all retrieved sentences), got {self.k}")
         if self.warmup_samples < 0:
             raise ConfigError(f"pretrain: warmup_samples must be >= 0, got {self.warmup_samples}")
+        if not self.itm_loss_scale > 0:
+            raise ConfigError(f"pretrain: itm_loss_scale must be > 0, got {self.itm_loss_scale}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ConfigError(f"pretrain: mask_prob must be in (0, 1), got {self.mask_prob}")
         if self.max_text_len < 3:
@@ -172,12 +182,14 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     from muvla.pretraining.grounding import ground_region_projection
     from muvla.pretraining.objectives import PretrainObjectives
 
-    corpus = PretrainCorpus(layout, tokenizer, cfg.max_text_len, cfg.max_regions, cfg.k)
+    corpus = PretrainCorpus(layout, tokenizer, cfg.max_text_len, cfg.max_regions, cfg.k,
+                            negatives=cfg.itm_negatives)
     if cfg.region_init == "tags" and "encoder.embeddings.region_feature_proj.weight" in model.loading_info.initialised:
         summary["region_projection_fit_regions"] = ground_region_projection(model, corpus)
     dataset = PretrainDataset(corpus)
     collate = PretrainCollator(corpus, cfg.mask_prob, neg_fraction=0.0 if cfg.mode == "round_robin" else 0.5)
-    objectives = PretrainObjectives(model, cfg.tasks, cfg.mode, cfg.warmup_samples, cfg.itm_weight)
+    objectives = PretrainObjectives(model, cfg.tasks, cfg.mode, cfg.warmup_samples, cfg.itm_weight,
+                                    cfg.itm_loss_scale)
     if dist.is_main:
         logger.info("pre-training %s on %d images (%s)", cfg.mode, len(dataset), corpus.summary()["skipped"])
     trainer = Trainer(objectives, dataset, collate, cfg.train_config(), dist_info=dist)
