@@ -710,8 +710,9 @@ def markdown(res: dict[str, Any]) -> str:
             out.append(f"| {r['stage']} | {r['work']} | {fmt(r['rate'], 1)} {r['unit']} | {hours(r['cpu_s'])} | "
                        f"{hours(r['gpu_s'])} | {r['gpu_note']} |")
         main = [r for r in res["cc3m"] if "backend, instead" not in r["stage"]]
-        out.append(f"| **total** (vinvl-tsv regions) | | | **{hours(sum(r['cpu_s'] for r in main))}** | "
-                   f"**{hours(sum(r['gpu_s'] for r in main))}** | |")
+        if main:
+            out.append(f"| **total** (vinvl-tsv regions) | | | **{hours(sum(r['cpu_s'] for r in main))}** | "
+                       f"**{hours(sum(r['gpu_s'] for r in main))}** | |")
         out.append("")
     return "\n".join(out)
 
