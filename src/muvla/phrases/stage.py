@@ -259,7 +259,7 @@ def run_phrases(cfg: PhrasesConfig) -> dict[str, Any]:
     retrieval, output = RetrievalOutput(Path(cfg.retrieval)), PhrasesOutput(Path(cfg.out))
     regions, text = cfg.resolved_inputs()
     inputs = {"retrieval": retrieval.digest(), "regions": regions.digest(), "text": text.digest()}
-    settings = output_settings(cfg, exclude=("out", "retrieval", "regions", "text"))
+    settings = output_settings(cfg, exclude=("retrieval", "regions", "text"))
     settings["encoder_backend"] = encoders.get_encoder(cfg.model, cfg.device, cfg.encoder_backend).backend
     cfg = dataclasses.replace(cfg, encoder_backend=settings["encoder_backend"])  # the backend that really runs
     record = BuildRecord("phrases", settings, inputs)

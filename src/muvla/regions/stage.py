@@ -292,7 +292,7 @@ def _run(cfg: RegionsConfig) -> dict:
     items = backend.list_inputs()
     if not items:
         raise ConfigError(f"no inputs found for regions backend {cfg.backend!r} (nothing to do)")
-    record = BuildRecord("regions", output_settings(cfg, exclude=("out", *INPUT_FIELDS)), input_digests(cfg, items))
+    record = BuildRecord("regions", output_settings(cfg, exclude=INPUT_FIELDS), input_digests(cfg, items))
 
     def clear(_old: BuildRecord | None) -> None:
         for path in (output.parts, output.index, output.classes, output.rejected, output.root / "summary.json"):

@@ -96,7 +96,7 @@ def run_pairs(cfg: PairsConfig) -> dict:
     inputs = {"regions": regions.digest(), "text": text.digest()}
     if cfg.captions is not None:
         inputs["captions"] = digest_file(Path(cfg.captions))
-    record = BuildRecord("pairs", output_settings(cfg, exclude=("out", "regions", "text", "captions")), inputs)
+    record = BuildRecord("pairs", output_settings(cfg, exclude=("regions", "text", "captions")), inputs)
 
     def clear(_old: BuildRecord | None) -> None:
         for path in (output.topk, output.root / "summary.json"):

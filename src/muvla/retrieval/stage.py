@@ -308,7 +308,7 @@ def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
     inputs = {"regions": regions.digest(), "text": text.digest()}
     if cfg.exclude_sentence_ids is not None:
         inputs["exclude_sentence_ids"] = digest_file(Path(cfg.exclude_sentence_ids))
-    settings = output_settings(cfg, exclude=("out", "regions", "text", "exclude_sentence_ids"))
+    settings = output_settings(cfg, exclude=("regions", "text", "exclude_sentence_ids"))
     settings["encoder_backend"] = encoders.get_encoder(cfg.model, cfg.device, cfg.encoder_backend).backend
     cfg = dataclasses.replace(cfg, encoder_backend=settings["encoder_backend"])  # the backend that really runs
     record = BuildRecord("retrieval", settings, inputs)

@@ -158,7 +158,7 @@ def run_text(cfg: TextConfig) -> dict[str, Any]:
     cfg.validate()
     output = TextOutput(Path(cfg.out))
     inputs = cfg.inputs()
-    record = BuildRecord("text", output_settings(cfg, exclude=("corpus", "out")),
+    record = BuildRecord("text", output_settings(cfg, exclude=("corpus",)),
                          {f"{i}:{fmt}:{path.name}": digest_file(path) for i, (fmt, path) in enumerate(inputs)})
 
     def clear(_old: BuildRecord | None) -> None:

@@ -179,9 +179,10 @@ def to_dict(obj: Any) -> Any:
 
 
 def output_settings(cfg: Any, exclude: Sequence[str] = ()) -> dict[str, Any]:
-    """The settings of ``cfg`` that change what a stage writes (runtime fields left out)."""
+    """The settings of ``cfg`` that change what a stage writes (runtime fields left out). ``out`` is
+    never one: it is where a stage writes, so a moved or copied output is still the same output."""
     return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-            if not is_runtime(f) and f.name not in exclude}
+            if not is_runtime(f) and f.name != "out" and f.name not in exclude}
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
