@@ -140,7 +140,7 @@ def describe(summary: dict) -> list[str]:
 
 
 def _pretrain(cfg: DemoConfig, out: Path) -> dict:
-    from muvla.pretraining.run import PretrainConfig, run_pretrain
+    from muvla.pretraining.run import MINILM_ITM_LOSS_SCALE, PretrainConfig, run_pretrain
 
     pretrain_out = out / "pretrain"
     resume = (pretrain_out / "checkpoints").exists() and not (pretrain_out / "model" / "config.json").exists()
@@ -148,7 +148,7 @@ def _pretrain(cfg: DemoConfig, out: Path) -> dict:
         return {"status": "reused", "model": str(pretrain_out / "model")}
     pcfg = PretrainConfig(out=pretrain_out, corpus=out, max_steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
                           lr=cfg.lr, max_regions=cfg.max_regions, log_every=5, save_every=20, resume=resume,
-                          tensorboard=False, itm_loss_scale=10.0)  # as the shipped MiniLM configs
+                          tensorboard=False, itm_loss_scale=MINILM_ITM_LOSS_SCALE)
     pcfg.validate()
     summary = run_pretrain(pcfg)
     train = summary.get("train", {})

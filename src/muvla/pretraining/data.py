@@ -122,40 +122,33 @@ class PretrainCorpus:
             self.skipped["retrieved_sentence_not_in_text_store"] += len(missing)
             logger.warning("%d retrieved sentence ids are not in %s (e.g. %s); those pairs are skipped",
                            len(missing), self.layout.text.sentences, missing[:3])
-        present = [sid for sid in wanted if sid in texts]
+        self.sent_tokens = self._tokenise({sid: texts[sid] for sid in wanted if sid in texts})
+        empty = len(wanted) - len(missing) - len(self.sent_tokens)
+        if empty:
+            self.skipped["empty_sentence"] += empty
+
+    def _tokenise(self, texts: dict[int, str]) -> dict[int, np.ndarray]:
+        """sentence id -> [CLS] pieces [SEP], truncated to ``max_text_len``; empty sentences left out."""
+        ids = self.tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"] if texts else []
         body_len = self.max_text_len - 2
-        ids = self.tokenizer([texts[s] for s in present], add_special_tokens=False)["input_ids"] if present else []
-        self.sent_tokens: dict[int, np.ndarray] = {}
-        for sid, toks in zip(present, ids):
-            if not toks:
-                self.skipped["empty_sentence"] += 1
-                continue
-            self.sent_tokens[sid] = np.array([self.cls_id, *toks[:body_len], self.sep_id], dtype=np.int64)
+        return {sid: np.array([self.cls_id, *toks[:body_len], self.sep_id], dtype=np.int64)
+                for sid, toks in zip(texts, ids) if toks}
 
     def _negative_pool(self) -> None:
         """``pool`` (sorted sentence ids an ITM negative is drawn from) and ``negative_tokens``.
 
         A sample's own top-K sentences are excluded when its negative is drawn (the collator).
         """
-        retrieved = sorted({s for sids in self.image_sentences for s in sids})
         if self.negatives == "retrieved":
-            pool = np.array(retrieved, dtype=np.int64)
+            self.negative_tokens = {s: self.sent_tokens[s] for sids in self.image_sentences for s in sids}
         else:
             total = self.layout.text.count()
             pool = np.arange(total, dtype=np.int64)
             if total > MAX_NEGATIVE_POOL:
-                rng = np.random.default_rng(NEGATIVE_POOL_SEED)
-                pool = np.sort(rng.choice(total, MAX_NEGATIVE_POOL, replace=False))
-        self.negative_tokens: dict[int, np.ndarray] = {int(s): self.sent_tokens[int(s)] for s in pool
-                                                       if int(s) in self.sent_tokens}
-        new = [int(s) for s in pool if int(s) not in self.negative_tokens]
-        body_len = self.max_text_len - 2
-        texts = self.layout.text.texts(new) if new else {}
-        present = [s for s in new if texts.get(s)]
-        ids = self.tokenizer([texts[s] for s in present], add_special_tokens=False)["input_ids"] if present else []
-        for sid, toks in zip(present, ids):
-            if toks:
-                self.negative_tokens[sid] = np.array([self.cls_id, *toks[:body_len], self.sep_id], dtype=np.int64)
+                pool = np.sort(np.random.default_rng(NEGATIVE_POOL_SEED).choice(total, MAX_NEGATIVE_POOL, replace=False))
+            new = [int(s) for s in pool if int(s) not in self.sent_tokens]
+            self.negative_tokens = {int(s): self.sent_tokens[int(s)] for s in pool if int(s) in self.sent_tokens}
+            self.negative_tokens.update(self._tokenise(self.layout.text.texts(new) if new else {}))
         self.pool = np.array(sorted(self.negative_tokens), dtype=np.int64)
 
     def pool_positions(self, sentence_ids: Sequence[int]) -> np.ndarray:

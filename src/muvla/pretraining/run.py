@@ -24,7 +24,7 @@ import torch
 
 from muvla.corpus.layout import CorpusLayout
 from muvla.model import Model, ModelConfig
-from muvla.pretraining.data import ITM_NEGATIVES
+from muvla.pretraining.data import ITM_NEGATIVES, PretrainCollator, PretrainCorpus, PretrainDataset
 from muvla.pretraining.objectives import ITM_WEIGHTS, TASKS, TRAINING_MODES
 from muvla.training import TrainConfig, Trainer, TrainerSettings
 from muvla.training.distributed import barrier, init_distributed
@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 PRETRAIN_MODES = (*TRAINING_MODES, "base")  # base: no V+L pre-training, the initialised model
 REGION_INITS = ("tags", "random")  # how a fresh region projection starts
+# ITM loss scale for an init without an MLM head (the bundled MiniLM): its fresh MLM heads start at
+# ~10 nats each and drown the ITM term otherwise. The shipped MiniLM YAML configs carry the same value.
+MINILM_ITM_LOSS_SCALE = 10.0
 
 
 @dataclass
@@ -178,7 +181,6 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         barrier()
         return summary
 
-    from muvla.pretraining.data import PretrainCollator, PretrainCorpus, PretrainDataset
     from muvla.pretraining.grounding import ground_region_projection
     from muvla.pretraining.objectives import PretrainObjectives
 
