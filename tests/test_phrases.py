@@ -28,7 +28,7 @@ TOPK = [("img-a", 0, 0), ("img-a", 1, 1), ("img-b", 0, 2), ("img-b", 1, 3), ("im
 
 
 def _setup(root: Path) -> Path:
-    """Text, regions and retrieval outputs written by hand (retrieval config.yaml records the other two)."""
+    """Text, regions and retrieval outputs written by hand (the retrieval build record names the other two)."""
     text, regions, retrieval = root / "text", root / "regions", root / "retrieval"
     write_sentence_store(text, SENTENCES)
     images = [ImageRegions(i, f"{i}.jpg", 50, 50, np.tile([0, 0, 9, 9], (len(t), 1)).astype(np.float32), t,
@@ -38,9 +38,6 @@ def _setup(root: Path) -> Path:
     topk = TopK([r[0] for r in TOPK], np.array([r[1] for r in TOPK], np.int32), np.array([r[2] for r in TOPK], np.int64),
                 np.full(len(TOPK), 0.5, np.float32))
     write_pairs(retrieval, topk, RegionsOutput(regions), TextOutput(text), k=2)
-    # what the retrieval stage records in its config.yaml: config.regions / config.text
-    (retrieval / "config.yaml").write_text(
-        f"stage_config: RetrievalConfig\nconfig:\n  regions: {regions}\n  text: {text}\n", encoding="utf-8")
     return retrieval
 
 

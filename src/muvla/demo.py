@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from muvla.corpus.provenance import OutputPolicy
 from muvla.utils.config import ConfigError, save_config, setting
 from muvla.utils.shards import atomic_file
 
@@ -59,10 +60,11 @@ def write_sample_images(folder: Path, names: tuple[str, ...] = SAMPLE_IMAGES) ->
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(OutputPolicy):
     """``muvla demo``: no arguments needed; every stage uses its library defaults except these sizes."""
 
-    out: Path = setting(Path("runs/demo"), help="run folder; rerunning reuses finished stages")
+    out: Path = setting(Path("runs/demo"), help="run folder; a rerun reuses every step whose settings and inputs "
+                                                "are unchanged")
     max_regions: int = setting(16, help="regions kept per image (small, so the demo is quick)")
     pretrain_steps: int = setting(40, help="pre-training steps on the demo corpus (0 = skip pre-training)")
     batch_size: int = setting(8, help="pre-training batch size")
@@ -86,15 +88,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     save_config(cfg, out / "demo", inputs={"images": list(SAMPLE_IMAGES), "corpus": str(demo_captions_path())})
     write_sample_images(out / "images")
     regions = RegionsSettings(backend="auto", images=out / "images", max_regions=cfg.max_regions)
-    corpus_cfg = CorpusConfig(out=out, regions=regions,
-                              text=TextSettings(corpus=[demo_captions_path()]), report=False)
+    corpus_cfg = CorpusConfig(out=out, regions=regions, text=TextSettings(corpus=[demo_captions_path()]), report=False,
+                              overwrite=cfg.overwrite)
     result = run_corpus(corpus_cfg)
     if cfg.pretrain_steps:
         result["pretrain"] = _pretrain(cfg, out)
         evaluation = out / "evaluation"
         result["zero_shot_retrieval"] = {
-            "base": _zero_shot(out, "default", evaluation / "retrieval_base", "base"),
-            "muvla": _zero_shot(out, str(out / "pretrain" / "model"), evaluation / "retrieval_muvla", "muvla"),
+            "base": _zero_shot(out, "default", evaluation / "retrieval_base", "base", cfg.overwrite),
+            "muvla": _zero_shot(out, str(out / "pretrain" / "model"), evaluation / "retrieval_muvla", "muvla",
+                                cfg.overwrite),
         }
         result["comparison"] = compare_zero_shot(evaluation / "retrieval_base", evaluation / "retrieval_muvla")
         from muvla.tasks.table import run_table
@@ -140,29 +143,25 @@ def describe(summary: dict) -> list[str]:
 
 
 def _pretrain(cfg: DemoConfig, out: Path) -> dict:
+    """Pre-train on the demo corpus (a step of the protocol: reused when nothing changed)."""
     from muvla.pretraining.run import MINILM_ITM_LOSS_SCALE, PretrainConfig, run_pretrain
 
-    pretrain_out = out / "pretrain"
-    resume = (pretrain_out / "checkpoints").exists() and not (pretrain_out / "model" / "config.json").exists()
-    if (pretrain_out / "model" / "config.json").exists():
-        return {"status": "reused", "model": str(pretrain_out / "model")}
-    pcfg = PretrainConfig(out=pretrain_out, corpus=out, max_steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
-                          lr=cfg.lr, max_regions=cfg.max_regions, log_every=5, save_every=20, resume=resume,
-                          tensorboard=False, itm_loss_scale=MINILM_ITM_LOSS_SCALE)
-    pcfg.validate()
+    pcfg = PretrainConfig(out=out / "pretrain", corpus=out, max_steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
+                          lr=cfg.lr, max_regions=cfg.max_regions, log_every=5, save_every=20,
+                          tensorboard=False, itm_loss_scale=MINILM_ITM_LOSS_SCALE, overwrite=cfg.overwrite)
     summary = run_pretrain(pcfg)
     train = summary.get("train", {})
     return {"model": summary.get("model"), "steps": train.get("steps"), "final_loss": train.get("final_loss"),
-            "training_curves": train.get("training_curves")}
+            "training_curves": train.get("training_curves"), "reused": bool(summary.get("reused"))}
 
 
-def _zero_shot(out: Path, model: str, eval_out: Path, name: str) -> dict:
+def _zero_shot(out: Path, model: str, eval_out: Path, name: str, overwrite: bool) -> dict:
     """Mean recall (R@1/5/10 both ways) of the held-out demo captions scored by the ITM head, with its
     95% bootstrap interval over images."""
     from muvla.tasks.evaluate import EvaluateConfig, run_evaluate
 
     ecfg = EvaluateConfig(out=eval_out, task="retrieval", model=model, regions=out / "regions",
-                          captions=demo_eval_captions_path(), model_name=name)
+                          captions=demo_eval_captions_path(), model_name=name, overwrite=overwrite)
     metrics = run_evaluate(ecfg)["metrics"]
     keys = ("mean_recall", "mean_recall_ci_low", "mean_recall_ci_high", "n_images", "n_captions")
     return {k: metrics[k] for k in keys}

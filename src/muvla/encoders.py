@@ -13,6 +13,7 @@ a backend (the stages).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from functools import lru_cache
@@ -97,6 +98,13 @@ def load_wordpiece_tokenizer(name_or_path: str = DEFAULT_MODEL) -> Any:
     if not getattr(tok, "is_fast", False):
         raise RuntimeError(f"tokenizer {name_or_path!r} has no fast version; offsets need a fast tokenizer")
     return tok
+
+
+def vocab_digest(tokenizer: Any) -> str:
+    """A digest of a WordPiece vocabulary (token -> id): token spans computed with one tokenizer are
+    only meaningful to a model that uses the same vocabulary."""
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256("\n".join(f"{i}\t{t}" for t, i in items).encode("utf-8")).hexdigest()[:20]
 
 
 def resolve_backend(backend: str = "auto", device: str = "cpu") -> str:

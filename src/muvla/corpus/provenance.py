@@ -1,6 +1,9 @@
-"""What every stage output was built from, so a corpus never mixes generations.
+"""The step protocol: what every output was built from, so a rerun never reuses what other settings made.
 
-Each stage folder holds ``build.json``: the stage's output-changing settings, the digest of every
+Every step (the corpus stages, ``pairs``, ``pretrain``, ``finetune``, ``evaluate``, each step of
+``experiment`` and ``demo``) runs through one driver, :func:`run_step`. A step supplies only what is
+its own (a :class:`Step`: its output-changing settings, the digests of its inputs, its final files,
+and a body that does the work); the driver owns the rest. Each step folder holds ``build.json``: the stage's output-changing settings, the digest of every
 input it read (upstream stage outputs, input files) and, once the stage has finished, the digest of
 its own outputs. Before doing any work a stage compares that record with what it is asked to do:
 
@@ -10,8 +13,15 @@ its own outputs. Before doing any work a stage compares that record with what it
   removed, the stage is redone, and one line says so;
 - different settings: refuse with one line naming the difference, unless ``overwrite`` is set.
 
+The rule is the same for every step: a changed input redoes the step, a changed own setting is
+refused (one line naming it) unless ``overwrite``. Two documented exceptions: the regions stage
+refuses on changed inputs too (its work is expensive and its inputs are the user's images), and a
+training step asked to ``resume`` may continue its checkpoints with a longer schedule
+(``Step.resume_may_change``), which is logged.
+
 A consumer (the next stage, pre-training, fine-tuning) reads an upstream record with
-:func:`finished_digest`, which also checks the files still match it.
+:func:`finished_digest`, which also checks the files still match it, and the upstream's own inputs
+from its ``sources`` (never from another step's ``config.yaml``).
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from muvla.utils.config import ConfigError, setting
+from muvla.utils.config import ConfigError, save_config, setting
 from muvla.utils.shards import ShardSpec, atomic_file, resolve_shard
 
 logger = logging.getLogger(__name__)
@@ -103,6 +113,7 @@ class BuildRecord:
     inputs: dict[str, str] = field(default_factory=dict)  # input name -> digest
     complete: bool = False
     digest: str | None = None  # digest of the outputs, set when complete
+    sources: dict[str, str] = field(default_factory=dict)  # input name -> path it was read from (not compared)
 
     def recipe(self) -> dict[str, Any]:
         return {"stage": self.stage, "settings": self.settings, "inputs": self.inputs}
@@ -115,7 +126,8 @@ class BuildRecord:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             return cls(stage=str(data["stage"]), settings=dict(data["settings"]), inputs=dict(data["inputs"]),
-                       complete=bool(data.get("complete", False)), digest=data.get("digest"))
+                       complete=bool(data.get("complete", False)), digest=data.get("digest"),
+                       sources={str(k): str(v) for k, v in dict(data.get("sources") or {}).items()})
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"{path} is unreadable ({err}); delete the folder or pass --overwrite") from err
 
@@ -143,6 +155,7 @@ class StageStart:
 def prepare_output(folder: Path, record: BuildRecord, *, overwrite: bool, is_main: bool,
                    clear: Callable[[BuildRecord | None], None], outputs: Sequence[Path] = (),
                    work: Sequence[Path] = (), redo_on_input_change: bool = True,
+                   resume_may_change: frozenset[str] = frozenset(), resume_requested: bool = False,
                    wait_timeout_s: float = 600.0, poll_s: float = 1.0) -> StageStart:
     """Compare the folder's ``build.json`` with this run's recipe and act as the module docstring says.
 
@@ -153,7 +166,9 @@ def prepare_output(folder: Path, record: BuildRecord, *, overwrite: bool, is_mai
     ``work`` the folders of unit parts (a folder without a record but with parts holds work of an
     unknown generation: only the main process may decide to remove it).
     ``redo_on_input_change=False`` refuses instead of redoing (for stages whose work is expensive and
-    whose inputs are the user's raw files, e.g. detecting regions).
+    whose inputs are the user's raw files, e.g. detecting regions). ``resume_requested`` with only
+    ``resume_may_change`` settings changed continues the unfinished work (a training schedule made
+    longer) instead of refusing.
     """
     folder = Path(folder)
     old = BuildRecord.read(folder) if folder.is_dir() else None
@@ -176,11 +191,19 @@ def prepare_output(folder: Path, record: BuildRecord, *, overwrite: bool, is_mai
     elif old.stage != record.stage or old.settings != record.settings:
         what = ([f"stage={old.stage!r} (this run: {record.stage!r})"] if old.stage != record.stage
                 else _differences(old.settings, record.settings))
+        changed = {k for k in set(old.settings) | set(record.settings) if old.settings.get(k) != record.settings.get(k)}
+        if resume_requested and old.stage == record.stage and changed <= resume_may_change \
+                and old.inputs == record.inputs and _has_work((), work):
+            logger.warning("%s: continuing its unfinished work with %s", folder, "; ".join(what[:4]))
+            record.complete, record.digest = False, None
+            record.write(folder)
+            return StageStart("resume", f"continuing with {'; '.join(what[:4])}")
         if not overwrite:
             raise ConfigError(f"{folder} was built with other settings: {'; '.join(what[:4])}; pass --overwrite "
-                              "to rebuild it (later stages are then redone), or choose another output folder")
+                              "to rebuild it (later steps are then redone), or choose another output folder")
         clear(old)
-        start = StageStart("fresh", f"{folder}: rebuilding ({'; '.join(what[:4])})")
+        start = StageStart("fresh", f"{folder}: settings changed ({'; '.join(what[:4])}); the old output was "
+                                    "removed and is being rebuilt")
     elif old.inputs != record.inputs:
         changed = sorted(k for k in set(old.inputs) | set(record.inputs) if old.inputs.get(k) != record.inputs.get(k))
         if not redo_on_input_change and not overwrite:
@@ -188,7 +211,7 @@ def prepare_output(folder: Path, record: BuildRecord, *, overwrite: bool, is_mai
                               "--overwrite to rebuild it, or choose another output folder")
         clear(old)
         start = StageStart("fresh", f"{folder}: its input(s) {', '.join(changed)} changed since it was built; "
-                                    "redoing it")
+                                    "the old output was removed and is being redone")
     elif old.complete and old.digest and all(Path(p).is_file() for p in outputs) \
             and _output_digest(record, outputs) == old.digest:
         return StageStart("reuse")
@@ -265,3 +288,117 @@ def reused_summary(folder: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         summary = {}
     return {**{k: (0 if k.endswith("_now") else v) for k, v in summary.items()}, "reused": True}
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+
+
+def summary_path(folder: Path, rank: int = 0) -> Path:
+    """``summary.json`` of the main process; ``summary.rank-00001.json`` etc. of the others."""
+    return Path(folder) / ("summary.json" if rank == 0 else f"summary.rank-{rank:05d}.json")
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+@dataclass
+class StepResult:
+    """What a step's body returns: its summary, and whether its output is now complete (False: this
+    process did its share and waits for other shards; a rerun continues)."""
+
+    summary: dict[str, Any]
+    complete: bool = True
+
+
+@dataclass
+class Step:
+    """One run of a step: everything :func:`run_step` needs that is the step's own.
+
+    ``settings`` are the output-changing settings, ``inputs`` the digests of what it reads
+    (``sources``: where each was read from, recorded for the next step), ``outputs`` the final files
+    whose digest the record holds, ``work`` folders of unit parts or checkpoints. ``clear`` removes
+    an old generation (default: ``outputs``, ``work`` and the summaries). ``config`` is written as
+    ``config.yaml`` and loads back with ``--config``.
+    """
+
+    name: str
+    folder: Path
+    settings: dict[str, Any]
+    inputs: dict[str, str]
+    outputs: Sequence[Path]
+    config: Any
+    sources: dict[str, Any] = field(default_factory=dict)
+    work: Sequence[Path] = ()
+    clear: Callable[[BuildRecord | None], None] | None = None
+    redo_on_input_change: bool = True
+    resume_may_change: frozenset[str] = frozenset()
+
+    def record(self) -> BuildRecord:
+        return BuildRecord(self.name, self.settings, self.inputs,
+                           sources={k: str(v) for k, v in self.sources.items() if v is not None})
+
+    def remove_outputs(self, _old: BuildRecord | None = None) -> None:
+        """The default ``clear``: the final files, the work folders and every summary."""
+        import shutil
+
+        for path in [*self.outputs, *self.work, *Path(self.folder).glob("summary*.json")]:
+            path = Path(path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def run_step(step: Step, body: Callable[[StageStart], StepResult], *, overwrite: bool, rank: int = 0,
+             resume_requested: bool = False, wait_timeout_s: float = 600.0) -> dict[str, Any]:
+    """Run one step under the protocol (module docstring): compare ``build.json`` with this run,
+    reuse / resume / redo / refuse, write ``config.yaml``, call ``body`` for the work, write the
+    summary and, when complete, the record's output digest. Returns the summary; a reused output's
+    stored summary comes back with ``reused: True``."""
+    folder = Path(step.folder)
+    record = step.record()
+    start = prepare_output(folder, record, overwrite=overwrite, is_main=rank == 0,
+                           clear=step.clear or step.remove_outputs, outputs=step.outputs, work=step.work,
+                           redo_on_input_change=step.redo_on_input_change,
+                           resume_may_change=step.resume_may_change, resume_requested=resume_requested,
+                           wait_timeout_s=wait_timeout_s)
+    if start.status == "reuse":
+        if rank == 0:
+            logger.info("%s: up to date (same settings and inputs); reusing %s", step.name, folder)
+        return reused_summary(folder)
+    if start.status == "resume" and rank == 0:
+        logger.info("%s: resuming the unfinished output in %s", step.name, folder)
+    if rank == 0:
+        save_config(step.config, folder, inputs=step.sources)
+    result = body(start)
+    summary = {"stage": step.name, **result.summary}
+    if result.complete and rank == 0:
+        write_summary(summary_path(folder), summary)
+        finish_output(folder, record, step.outputs)
+    else:
+        write_summary(summary_path(folder, rank), summary)
+    return summary
+
+
+def recorded_source(folder: Path, name: str) -> Path | None:
+    """Where the step in ``folder`` read its input ``name`` from (its ``build.json`` sources)."""
+    record = BuildRecord.read(folder) if Path(folder).is_dir() else None
+    value = record.sources.get(name) if record is not None else None
+    return Path(value) if value else None
+
+
+def digest_folder(folder: Path) -> str:
+    """One digest over the regular files directly inside ``folder`` (names and contents)."""
+    return digest_files(sorted(p for p in Path(folder).iterdir() if p.is_file()))
+
+
+def digest_model(model: str | Path) -> str:
+    """What a model argument denotes: a folder's files (a run folder: its ``model/``), else the name
+    itself (a bundled or cached checkpoint such as ``default``)."""
+    path = Path(model)
+    for folder in (path / "model", path):
+        if (folder / "config.json").is_file():
+            return digest_folder(folder)
+    return digest_json({"name": str(model)})

@@ -40,8 +40,9 @@ SYNTHETIC_TEMPLATES = ("a {a} next to a {b}", "the {a} and the {b}", "a photo of
 SYNTHETIC_TEMPLATES_ONE = ("a photo of a {a}", "the {a} in the picture", "there is a {a} here")
 
 
-def _finish(output: Any, stage: str, settings: dict[str, Any], inputs: dict[str, str] | None = None) -> None:
-    record = BuildRecord(stage, settings, inputs or {})
+def _finish(output: Any, stage: str, settings: dict[str, Any], inputs: dict[str, str] | None = None,
+            sources: dict[str, str] | None = None) -> None:
+    record = BuildRecord(stage, settings, inputs or {}, sources=sources or {})
     finish_output(Path(output.root), record, output.outputs())
 
 
@@ -83,7 +84,8 @@ def write_pairs(folder: str | Path, topk: TopK, regions: RegionsOutput, text: Te
     output = RetrievalOutput(Path(folder))
     output.write_topk(topk)
     _finish(output, "retrieval", {"written_by": "write_pairs", "k": k},
-            {"regions": regions.digest(), "text": text.digest()})
+            {"regions": regions.digest(), "text": text.digest()},
+            {"regions": str(regions.root), "text": str(text.root)})
     return output.root
 
 
@@ -94,7 +96,8 @@ def write_phrases(folder: str | Path, phrases: Sequence[tuple[int, SentencePhras
     write_parquet(output.sentence_phrases, PhrasesOutput.phrases_table(phrases))
     write_parquet(output.matches, PhrasesOutput.matches_table(matches))
     _finish(output, "phrases", {"written_by": "write_phrases"},
-            {"retrieval": retrieval.digest(), "regions": regions.digest(), "text": text.digest()})
+            {"retrieval": retrieval.digest(), "regions": regions.digest(), "text": text.digest()},
+            {"retrieval": str(retrieval.root), "regions": str(regions.root), "text": str(text.root)})
     return output.root
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from muvla.corpus.provenance import OutputPolicy
 from muvla.experiment.recipes import RECIPES
 from muvla.phrases.stage import PhrasesSettings
 from muvla.pretraining.run import PretrainConfig
@@ -49,7 +50,7 @@ class EvaluationSettings:
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(OutputPolicy):
     """``muvla experiment``: build each corpus once, pre-train every compared model with the same
     budget and seeds, evaluate all of them the same way on held-out images."""
 
@@ -99,12 +100,12 @@ class ExperimentConfig:
     def pretrain_config(self, model: str, out: Path, corpus: Path | None, seed: int) -> PretrainConfig:
         """The pre-training config of one compared model: the shared settings + the recipe."""
         recipe = RECIPES[model]
-        reserved = {"out", "corpus", "mode", "tasks", "k", "seed", "retrieval", "phrases", "resume"}
+        reserved = {"out", "corpus", "mode", "tasks", "k", "seed", "retrieval", "phrases", "resume", "overwrite"}
         clash = sorted(reserved & set(self.pretrain))
         if clash:
             raise ConfigError(f"experiment: pretrain.{clash[0]} is set by the experiment for each model")
         values = {**self.pretrain, "out": out, "corpus": corpus, "mode": recipe.mode, "tasks": list(recipe.tasks),
-                  "k": recipe.k, "seed": seed}
+                  "k": recipe.k, "seed": seed, "overwrite": self.overwrite}
         return from_dict(PretrainConfig, values, where="pretrain")
 
     def section_values(self, section: Any) -> dict[str, Any]:

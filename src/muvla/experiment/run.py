@@ -12,17 +12,20 @@ One command, any data. The images are split once into training and held-out imag
 4. ``results.csv`` (one row per model and seed), ``results.md`` (mean and spread over seeds), plots
    and a section in ``report.html``.
 
-Each step writes its own folder and is skipped when it is already complete, so a killed experiment,
-restarted, redoes only what had not finished.
+Every step (split, corpora, each model and seed, zero-shot, probe) writes its own folder and runs
+under the step protocol (``muvla.corpus.provenance``): an unchanged rerun reuses every output and
+says so, a killed experiment resumes where it stopped, a changed setting is refused with one line
+naming it unless ``overwrite`` (then that step and everything downstream of it is redone).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ import numpy as np
 
 from muvla.corpus.build import CorpusConfig, finished, run_corpus, run_everywhere
 from muvla.corpus.layout import CorpusLayout, TextOutput
+from muvla.corpus.provenance import Step, StepResult, digest_file, digest_json, run_step, write_summary
 from muvla.experiment.config import ExperimentConfig
 from muvla.experiment.recipes import RECIPES, ModelRecipe
 from muvla.phrases.stage import PhrasesConfig, run_phrases
@@ -97,14 +101,41 @@ def _subset(data: dict[str, Any], stems: set[str], per_image: int | None = None)
     return {"images": images, "annotations": anns}
 
 
-def make_split(cfg: ExperimentConfig, layout: ExperimentLayout) -> dict[str, list[str]]:
-    """Split the images with captions into train / probe_train / probe_test (recorded, reused)."""
-    path = layout.split / "split.json"
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
+def make_split(cfg: ExperimentConfig, layout: ExperimentLayout) -> dict[str, Any]:
+    """Split the images with captions into train / probe_train / probe_test (a step of the protocol:
+    reused while its settings and inputs are unchanged; a changed split setting is refused unless
+    ``overwrite``, and then every later step sees its inputs changed)."""
+    ev = cfg.evaluation
+    files = {p.stem: p for p in list_images(cfg.images)}
+    settings = {name: getattr(ev, name) for name in SPLIT_SETTINGS}
+    inputs = {"captions": digest_file(Path(cfg.captions)), "images": digest_json(sorted(p.name for p in files.values()))}
+    if cfg.regions.coco_instances is not None:
+        inputs["coco_instances"] = digest_file(Path(cfg.regions.coco_instances))
+    outputs = [layout.split / "split.json", *(layout.captions(part) for part in ("train", "probe_train", "probe_test"))]
+    step = Step("split", layout.split, settings, inputs, outputs, SplitRecord(**settings),
+                sources={"images": cfg.images, "captions": cfg.captions, "coco_instances": cfg.regions.coco_instances},
+                work=[layout.split / "images", *(layout.split / f"instances_{part}.json" for part in ("train", "eval"))])
+    return run_step(step, lambda _start: StepResult(_split(cfg, layout, files)), overwrite=cfg.overwrite)
+
+
+@dataclass
+class SplitRecord:
+    """The split step's own settings, as its ``config.yaml`` records them (they live in
+    ``ExperimentConfig.evaluation``)."""
+
+    held_out: float
+    split_seed: int
+    probe_fraction: float
+    max_images: int
+    captions_per_image: int
+
+
+SPLIT_SETTINGS = tuple(f.name for f in dataclasses.fields(SplitRecord))
+
+
+def _split(cfg: ExperimentConfig, layout: ExperimentLayout, files: dict[str, Path]) -> dict[str, Any]:
     data = _read_captions(cfg.captions)
     captioned = {Path(str(im["file_name"])).stem for im in data["images"]}
-    files = {p.stem: p for p in list_images(cfg.images)}
     stems = sorted(captioned & set(files))
     if len(stems) < 10:
         raise ConfigError(f"experiment: only {len(stems)} images of {cfg.images} have captions in {cfg.captions}")
@@ -121,13 +152,16 @@ def make_split(cfg: ExperimentConfig, layout: ExperimentLayout) -> dict[str, lis
         folder.mkdir(parents=True, exist_ok=True)
         for stem in members:
             link = folder / files[stem].name
-            if not link.exists():
+            if not link.is_symlink():  # a resumed split keeps the links it made
                 os.symlink(files[stem].resolve(), link)
     for part in ("train", "probe_train"):
         _write_json(layout.captions(part), _subset(data, set(split[part])))
     _write_json(layout.captions("probe_test"), _subset(data, set(probe_test), ev.captions_per_image))
-    _write_json(path, split)
-    return split
+    if cfg.regions.coco_instances is not None:
+        for part, members in (("train", set(train)), ("eval", set(probe_train) | set(probe_test))):
+            _write_instances_subset(cfg, layout, part, members)
+    _write_json(layout.split / "split.json", split)
+    return {"images": len(stems), **{part: len(members) for part, members in split.items()}}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -136,67 +170,81 @@ def _write_json(path: Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
 
 
-def _instances_subset(cfg: ExperimentConfig, layout: ExperimentLayout, part: str, stems: set[str]) -> Path:
+def _write_instances_subset(cfg: ExperimentConfig, layout: ExperimentLayout, part: str, stems: set[str]) -> None:
     """The coco-instances oracle restricted to one split (so no held-out box reaches pre-training)."""
     data = json.loads(Path(cfg.regions.coco_instances).read_text(encoding="utf-8"))
     images = [im for im in data["images"] if Path(str(im["file_name"])).stem in stems]
     ids = {im["id"] for im in images}
-    out = layout.split / f"instances_{part}.json"
-    if not out.is_file():
-        _write_json(out, {**data, "images": images, "annotations": [a for a in data["annotations"]
-                                                                     if a["image_id"] in ids]})
-    return out
+    _write_json(layout.split / f"instances_{part}.json",
+                {**data, "images": images, "annotations": [a for a in data["annotations"] if a["image_id"] in ids]})
 
 
-def _regions_settings(cfg: ExperimentConfig, layout: ExperimentLayout, part: str, stems: set[str]) -> RegionsSettings:
+def _regions_settings(cfg: ExperimentConfig, layout: ExperimentLayout, part: str) -> RegionsSettings:
     values = cfg.section_values(cfg.regions)
     values["images"] = layout.images(part)
     if cfg.regions.coco_instances is not None:
-        values["coco_instances"] = _instances_subset(cfg, layout, part, stems)
+        values["coco_instances"] = layout.split / f"instances_{part}.json"
     return RegionsSettings(**values)
 
 
 # ---------------------------------------------------------------------------------------------- corpora
 
 
-def build_corpora(cfg: ExperimentConfig, layout: ExperimentLayout, split: dict[str, list[str]]) -> dict[str, Path]:
+@dataclass
+class StepLog:
+    """Which steps of one experiment run did work and which reused an up-to-date output."""
+
+    redone: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+
+    def add(self, label: str, summary: dict[str, Any]) -> dict[str, Any]:
+        (self.reused if summary.get("reused") else self.redone).append(label)
+        return summary
+
+
+def build_corpora(cfg: ExperimentConfig, layout: ExperimentLayout, log: StepLog) -> dict[str, Path]:
     """The retrieved corpus (regions, text, retrieval, phrases) and one corpus per baseline pairing,
     sharing its regions and text; returns corpus name -> folder."""
     shard = resolve_shard()
     main = layout.corpus("retrieval")
     text = [*cfg.pool, layout.captions("train")] if cfg.text_setting == "cc" else list(cfg.pool)
-    run_corpus(CorpusConfig(out=main, regions=_regions_settings(cfg, layout, "train", set(split["train"])),
-                            text=TextSettings(corpus=text), retrieval=cfg.retrieval, phrases=cfg.phrases, report=False))
+    built = run_corpus(CorpusConfig(out=main, regions=_regions_settings(cfg, layout, "train"),
+                                    text=TextSettings(corpus=text), retrieval=cfg.retrieval, phrases=cfg.phrases,
+                                    report=False, overwrite=cfg.overwrite))
+    for stage, summary in built["stages"].items():
+        log.add(f"corpora/retrieval/{stage}", summary)
     corpora = {"retrieval": main}
     for recipe in {RECIPES[m].corpus: RECIPES[m] for m in cfg.models if RECIPES[m].pairing not in ("none", "retrieval")
                    }.values():
-        corpora[recipe.corpus] = _pairing_corpus(cfg, layout, recipe, main, shard)
+        corpora[recipe.corpus] = _pairing_corpus(cfg, layout, recipe, main, shard, log)
     return corpora
 
 
 def _pairing_corpus(cfg: ExperimentConfig, layout: ExperimentLayout, recipe: ModelRecipe, main: Path,
-                    shard: Any) -> Path:
+                    shard: Any, log: StepLog) -> Path:
     """A baseline corpus: the same regions; the same text (bc + aligned pairs: the text plus the
     training captions, which the pairs need); the pairing from ``muvla pairs``; its phrases."""
     root = layout.corpus(recipe.corpus)
     root.mkdir(parents=True, exist_ok=True)
     _link(root / "regions", main / "regions")
+    label = f"corpora/{recipe.corpus}"
     needs_captions = recipe.pairing in ("aligned", "aligned_ratio") and cfg.text_setting == "bc"
     if needs_captions:
         from muvla.text.stage import TextConfig, run_text
 
-        text_cfg = TextConfig(out=root / "text", corpus=[*cfg.pool, layout.captions("train")])
-        run_everywhere(run_text, text_cfg, shard, sharded=False, timeout_s=7 * 24 * 3600)
+        text_cfg = TextConfig(out=root / "text", corpus=[*cfg.pool, layout.captions("train")], overwrite=cfg.overwrite)
+        log.add(f"{label}/text", run_everywhere(run_text, text_cfg, shard, sharded=False, timeout_s=7 * 24 * 3600))
     else:
         _link(root / "text", main / "text")
     mode = "aligned_ratio" if recipe.pairing == "aligned_ratio" else recipe.pairing
     pairs = PairsConfig(out=root / "retrieval", regions=root / "regions", text=root / "text", mode=mode,
                         captions=layout.captions("train") if mode != "random" else None,
-                        p=recipe.p if recipe.p is not None else 1.0, k=cfg.retrieval.k, seed=0)
-    run_everywhere(run_pairs, pairs, shard, sharded=False, timeout_s=7 * 24 * 3600)
+                        p=recipe.p if recipe.p is not None else 1.0, k=cfg.retrieval.k, seed=0,
+                        overwrite=cfg.overwrite)
+    log.add(f"{label}/pairs", run_everywhere(run_pairs, pairs, shard, sharded=False, timeout_s=7 * 24 * 3600))
     phrases = PhrasesConfig(out=root / "phrases", retrieval=root / "retrieval", regions=root / "regions",
-                            text=root / "text", **cfg.section_values(cfg.phrases))
-    run_everywhere(run_phrases, phrases, shard, sharded=True, timeout_s=7 * 24 * 3600)
+                            text=root / "text", overwrite=cfg.overwrite, **cfg.section_values(cfg.phrases))
+    log.add(f"{label}/phrases", run_everywhere(run_phrases, phrases, shard, sharded=True, timeout_s=7 * 24 * 3600))
     return root
 
 
@@ -237,50 +285,39 @@ def corpus_quality(cfg: ExperimentConfig, layout: ExperimentLayout, corpora: dic
 
 def pretrain_model(cfg: ExperimentConfig, layout: ExperimentLayout, model: str, seed: int,
                    corpora: dict[str, Path]) -> dict[str, Any]:
-    """Pre-train one model (skipped when its model folder is complete; resumed after a kill)."""
+    """Pre-train one model: reused when its settings and corpus are unchanged, resumed after a kill."""
     from muvla.pretraining.run import run_pretrain
 
-    out = layout.model(model, seed)
-    summary_path = out / "summary.json"
-    if (out / "model" / "model.safetensors").is_file() and summary_path.is_file():
-        return json.loads(summary_path.read_text(encoding="utf-8"))
     recipe = RECIPES[model]
     corpus = corpora["retrieval"] if recipe.pairing == "none" else corpora[recipe.corpus]
-    pcfg = cfg.pretrain_config(model, out, corpus, seed)
-    pcfg.resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
-    return run_pretrain(pcfg)
+    return run_pretrain(cfg.pretrain_config(model, layout.model(model, seed), corpus, seed))
 
 
 def evaluate_model(cfg: ExperimentConfig, layout: ExperimentLayout, model: str, seed: int) -> dict[str, Any]:
-    """Zero-shot retrieval of the probe-test images through the model's ITM head."""
+    """Zero-shot retrieval of the probe-test images through the model's ITM head (summary)."""
     from muvla.tasks.evaluate import EvaluateConfig, run_evaluate
 
-    out = layout.model(model, seed) / "zero_shot"
-    if (out / "results.json").is_file() and (out / "summary.json").is_file():
-        return json.loads((out / "summary.json").read_text(encoding="utf-8"))["metrics"]
     ev = cfg.evaluation
-    ecfg = EvaluateConfig(out=out, task="retrieval", model=str(layout.model(model, seed)), regions=layout.eval_regions,
+    ecfg = EvaluateConfig(out=layout.model(model, seed) / "zero_shot", task="retrieval",
+                          model=str(layout.model(model, seed)), regions=layout.eval_regions,
                           captions=layout.captions("probe_test"), max_text_len=ev.max_text_len,
-                          batch_size=ev.batch_size, model_name=model, device="auto")
-    return run_evaluate(ecfg)["metrics"]
+                          batch_size=ev.batch_size, model_name=model, device="auto", overwrite=cfg.overwrite)
+    return run_evaluate(ecfg)
 
 
 def probe_model(cfg: ExperimentConfig, layout: ExperimentLayout, model: str, seed: int) -> dict[str, Any]:
-    """Retrieval fine-tuning on the probe-train images, tested on the probe-test images."""
+    """Retrieval fine-tuning on the probe-train images, tested on the probe-test images (summary)."""
     from muvla.tasks.finetune import FinetuneConfig, run_finetune
 
-    out = layout.model(model, seed) / "probe"
-    if (out / "results.json").is_file() and (out / "summary.json").is_file():
-        return json.loads((out / "summary.json").read_text(encoding="utf-8"))["val_metrics"]
     ev = cfg.evaluation
-    resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
-    fcfg = FinetuneConfig(out=out, task="retrieval", train=[layout.captions("probe_train")],
-                          val=[layout.captions("probe_test")], regions=layout.eval_regions,
-                          model=str(layout.model(model, seed)), max_steps=max(ev.probe_steps, 1),
-                          batch_size=ev.probe_batch_size, lr=ev.probe_lr, seed=seed, max_text_len=ev.max_text_len,
-                          eval_batch_size=ev.batch_size, model_name=model, plot=False, resume=resume,
-                          save_every=max(ev.probe_steps, 1), log_every=max(1, ev.probe_steps // 5), device="auto")
-    return run_finetune(fcfg)["val_metrics"]
+    fcfg = FinetuneConfig(out=layout.model(model, seed) / "probe", task="retrieval",
+                          train=[layout.captions("probe_train")], val=[layout.captions("probe_test")],
+                          regions=layout.eval_regions, model=str(layout.model(model, seed)),
+                          max_steps=max(ev.probe_steps, 1), batch_size=ev.probe_batch_size, lr=ev.probe_lr, seed=seed,
+                          max_text_len=ev.max_text_len, eval_batch_size=ev.batch_size, model_name=model, plot=False,
+                          save_every=max(ev.probe_steps, 1), log_every=max(1, ev.probe_steps // 5), device="auto",
+                          overwrite=cfg.overwrite)
+    return run_finetune(fcfg)
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -294,28 +331,31 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     start = time.perf_counter()
     layout = ExperimentLayout(Path(cfg.out))
     shard = resolve_shard()
+    log = StepLog()
     if shard.is_main:
         save_config(cfg, layout.root, inputs={"images": cfg.images, "captions": cfg.captions, "pool": cfg.pool})
-        make_split(cfg, layout)
+        log.add("split", make_split(cfg, layout))
     else:
-        while not (layout.split / "split.json").is_file():
+        while not finished(layout.split):
             time.sleep(2.0)
     split = json.loads((layout.split / "split.json").read_text(encoding="utf-8"))
-    eval_regions = RegionsConfig(out=layout.eval_regions, **cfg.section_values(
-        _regions_settings(cfg, layout, "eval", set(split["probe_train"]) | set(split["probe_test"]))))
-    run_everywhere(run_regions, eval_regions, shard, sharded=True, timeout_s=7 * 24 * 3600)
-    corpora = build_corpora(cfg, layout, split)
+    eval_regions = RegionsConfig(out=layout.eval_regions, overwrite=cfg.overwrite,
+                                 **cfg.section_values(_regions_settings(cfg, layout, "eval")))
+    log.add("eval_regions", run_everywhere(run_regions, eval_regions, shard, sharded=True, timeout_s=7 * 24 * 3600))
+    corpora = build_corpora(cfg, layout, log)
     runs: list[dict[str, Any]] = []
     for model in cfg.models:
         for seed in cfg.seeds:
+            label = f"models/{model}/seed-{seed}"
             t0 = time.perf_counter()
-            pretrain = pretrain_model(cfg, layout, model, seed, corpora)
+            pretrain = log.add(label, pretrain_model(cfg, layout, model, seed, corpora))
             seconds = time.perf_counter() - t0
             row: dict[str, Any] = {"model": model, "seed": seed, "pretrain": pretrain}
             if is_main():
-                row["zero_shot"] = evaluate_model(cfg, layout, model, seed)
+                row["zero_shot"] = log.add(f"{label}/zero_shot", evaluate_model(cfg, layout, model, seed))["metrics"]
             barrier()
-            row["probe"] = probe_model(cfg, layout, model, seed) if cfg.evaluation.probe_steps > 0 else {}
+            row["probe"] = (log.add(f"{label}/probe", probe_model(cfg, layout, model, seed)).get("val_metrics", {})
+                            if cfg.evaluation.probe_steps > 0 else {})
             row["pretrain_seconds"] = round(seconds, 1)
             runs.append(row)
             barrier()
@@ -327,9 +367,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         from muvla.report.html import write_report
 
         summary["report"] = str(write_report(layout.root))
+    summary["steps"] = {"redone": log.redone, "reused": log.reused}
     summary["seconds"] = round(time.perf_counter() - start, 1)
-    with atomic_file(layout.root / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    write_summary(layout.root / "summary.json", summary)
     return summary
 
 
@@ -337,8 +377,14 @@ def describe(summary: dict[str, Any]) -> list[str]:
     """The short ending of ``muvla experiment``: the headline table and where everything is."""
     if "table" not in summary:
         return [f"experiment: rank {summary.get('rank')} done"]
+    steps = summary.get("steps", {})
+    redone, reused = steps.get("redone", []), steps.get("reused", [])
+    if redone:
+        work = f"{len(redone)} step(s) run, {len(reused)} reused (same settings and inputs)"
+    else:
+        work = f"nothing to do: all {len(reused)} steps were up to date (same settings and inputs), results re-rendered"
     lines = [f"muvla experiment finished in {summary.get('seconds')} s ({summary['n_train_images']} training images, "
-             f"{summary['n_test_images']} held-out test images, seeds {summary['seeds']})", summary["table"]]
+             f"{summary['n_test_images']} held-out test images, seeds {summary['seeds']}); {work}", summary["table"]]
     for sentence in summary.get("findings", []):
         lines.append(f"- {sentence}")
     lines.append(f"details: {summary['results_md']} and {summary['results_csv']}")

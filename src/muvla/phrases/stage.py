@@ -22,8 +22,6 @@ reports ``waiting_for_shards`` and a rerun continues.
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 
 from muvla import encoders
 from muvla.corpus.layout import (
@@ -47,10 +44,10 @@ from muvla.corpus.layout import (
     TextOutput,
     write_parquet,
 )
-from muvla.corpus.provenance import BuildRecord, StageRun, finish_output, prepare_output, reused_summary
-from muvla.utils.config import ConfigError, output_settings, save_config, setting
+from muvla.corpus.provenance import BUILD_FILE, StageRun, Step, StepResult, recorded_source, run_step
+from muvla.utils.config import ConfigError, output_settings, setting
 from muvla.utils.progress import progress
-from muvla.utils.shards import UnitPlan, atomic_file, clean_stale_tmp, unit_ranges
+from muvla.utils.shards import ShardSpec, UnitPlan, clean_stale_tmp, unit_ranges
 
 
 @dataclass(kw_only=True)
@@ -91,16 +88,13 @@ class PhrasesConfig(PhrasesSettings, StageRun):
                               "(run the retrieval stage)")
 
     def resolved_inputs(self) -> tuple[RegionsOutput, TextOutput]:
-        """(regions, text): explicit values, else those recorded by the retrieval stage."""
-        regions, text = self.regions, self.text
+        """(regions, text): explicit values, else the folders the retrieval (or pairs) step read, from
+        its build record."""
+        regions = self.regions if self.regions is not None else recorded_source(Path(self.retrieval), "regions")
+        text = self.text if self.text is not None else recorded_source(Path(self.retrieval), "text")
         if regions is None or text is None:
-            cfg_path = Path(self.retrieval) / "config.yaml"
-            if not cfg_path.exists():
-                raise ConfigError(f"phrases: give --regions and --text, or a retrieval folder with config.yaml "
-                                  f"({cfg_path})")
-            recorded = (yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}).get("config", {})
-            regions = regions if regions is not None else Path(recorded["regions"])
-            text = text if text is not None else Path(recorded["text"])
+            raise ConfigError(f"phrases: give --regions and --text, or a retrieval folder whose build.json records "
+                              f"them ({Path(self.retrieval) / BUILD_FILE})")
         return RegionsOutput(Path(regions)), TextOutput(Path(text))
 
 
@@ -262,25 +256,21 @@ def run_phrases(cfg: PhrasesConfig) -> dict[str, Any]:
     settings = output_settings(cfg, exclude=("retrieval", "regions", "text"))
     settings["encoder_backend"] = encoders.get_encoder(cfg.model, cfg.device, cfg.encoder_backend).backend
     cfg = dataclasses.replace(cfg, encoder_backend=settings["encoder_backend"])  # the backend that really runs
-    record = BuildRecord("phrases", settings, inputs)
+    inputs["tokenizer_vocab"] = encoders.vocab_digest(encoders.load_wordpiece_tokenizer(cfg.tokenizer))
+    step = Step("phrases", output.root, settings, inputs, output.outputs(), cfg,
+                sources={"retrieval": retrieval.root, "regions": regions.root, "text": text.root},
+                work=[output.parts])
+    return run_step(step, lambda _start: _phrases(cfg, shard, output, retrieval, regions, text),
+                    overwrite=cfg.overwrite, rank=shard.rank)
 
-    def clear(_old: BuildRecord | None) -> None:
-        for path in (*output.outputs(), output.root / "summary.json"):
-            path.unlink(missing_ok=True)
-        shutil.rmtree(output.parts, ignore_errors=True)
 
-    start = prepare_output(output.root, record, overwrite=cfg.overwrite, is_main=shard.is_main, clear=clear,
-                           outputs=output.outputs(), work=[output.parts])
-    if start.status == "reuse":
-        return reused_summary(output.root)
+def _phrases(cfg: PhrasesConfig, shard: ShardSpec, output: PhrasesOutput, retrieval: RetrievalOutput,
+             regions: RegionsOutput, text: TextOutput) -> StepResult:
     output.parts.mkdir(parents=True, exist_ok=True)
     if shard.world == 1:
         clean_stale_tmp(output.parts)
-    if shard.is_main:
-        save_config(cfg, output.root, inputs={"retrieval": str(retrieval.root), "regions": str(regions.root),
-                                              "text": str(text.root), **inputs})
     work = _load_work(retrieval, regions, text)
-    summary: dict[str, Any] = {"stage": "phrases", "shard": shard.rank, "num_shards": shard.world}
+    summary: dict[str, Any] = {"shard": shard.rank, "num_shards": shard.world}
 
     t0 = time.time()
     parse_plan = UnitPlan(output.parts, "phrases", len(unit_ranges(len(work.sentence_ids), cfg.unit_size)), shard,
@@ -288,7 +278,7 @@ def run_phrases(cfg: PhrasesConfig) -> dict[str, Any]:
     summary["sentences_parsed_now"] = _parse_phase(cfg, parse_plan, work, text)
     summary["parse_seconds"] = round(time.time() - t0, 3)
     if not parse_plan.complete():
-        return _finish_waiting(output, shard.rank, summary, parse_plan)
+        return StepResult({**summary, **parse_plan.waiting("phrases")}, complete=False)
     phrase_table = _read_phrase_units(parse_plan)
     phrases_of = dict(zip(phrase_table.column("sentence_id").to_pylist(), phrase_table.column("phrases").to_pylist()))
 
@@ -299,7 +289,7 @@ def run_phrases(cfg: PhrasesConfig) -> dict[str, Any]:
     summary["strings_encoded_now"] = _strings_phase(cfg, strings_plan, strings, include_others=shard.is_main)
     summary["encode_seconds"] = round(time.time() - t0, 3)
     if not strings_plan.complete():
-        return _finish_waiting(output, shard.rank, summary, strings_plan)
+        return StepResult({**summary, **strings_plan.waiting("phrases")}, complete=False)
 
     t0 = time.time()
     match_plan = UnitPlan(output.parts, "matches", len(unit_ranges(len(work.images), cfg.unit_size)), shard,
@@ -309,16 +299,12 @@ def run_phrases(cfg: PhrasesConfig) -> dict[str, Any]:
                                                 phrases_of, embed, cfg.unit_size)
     summary["match_seconds"] = round(time.time() - t0, 3)
     if not shard.is_main or not match_plan.complete():
-        summary["status"] = "shard_done"
-        _write_summary(output, shard.rank, summary)
-        return summary
+        return StepResult({**summary, "status": "shard_done"}, complete=False)
 
     write_parquet(output.sentence_phrases, phrase_table)
     summary.update(status="done", strings=len(strings), **_phrase_statistics(phrases_of),
                    images=len(work.images), **_merge_matches(match_plan, output.matches))
-    _write_summary(output, shard.rank, summary)
-    finish_output(output.root, record, output.outputs())
-    return summary
+    return StepResult(summary)
 
 
 def _phrase_statistics(phrases_of: dict[int, list[str]]) -> dict[str, Any]:
@@ -345,18 +331,6 @@ def _merge_matches(plan: UnitPlan, path: Path) -> dict[str, Any]:
         pairs = writer.rows
     return {"pairs": pairs, "regions_matched": matched,
             "mean_best_similarity": round(sim_sum / matched, 4) if matched else None}
-
-
-def _finish_waiting(output: PhrasesOutput, rank: int, summary: dict[str, Any], plan: UnitPlan) -> dict[str, Any]:
-    summary.update(plan.waiting("phrases"))
-    _write_summary(output, rank, summary)
-    return summary
-
-
-def _write_summary(output: PhrasesOutput, rank: int, summary: dict[str, Any]) -> None:
-    name = "summary.json" if rank == 0 else f"summary.rank-{rank:05d}.json"
-    with atomic_file(output.root / name) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
 
 def describe(summary: dict[str, Any]) -> list[str]:

@@ -14,7 +14,7 @@ Under torchrun every rank runs this function; DDP is handled by the Trainer.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +22,23 @@ from typing import Any
 
 import torch
 
-from muvla.corpus.layout import CorpusLayout
+from muvla.corpus.layout import CorpusCheck, CorpusLayout
+from muvla.corpus.provenance import (
+    BuildRecord,
+    OutputPolicy,
+    StageStart,
+    Step,
+    StepResult,
+    digest_model,
+    run_step,
+)
+from muvla.encoders import vocab_digest
 from muvla.model import Model, ModelConfig
 from muvla.pretraining.data import ITM_NEGATIVES, PretrainCollator, PretrainCorpus, PretrainDataset
 from muvla.pretraining.objectives import ITM_WEIGHTS, TASKS, TRAINING_MODES
-from muvla.training import TrainConfig, Trainer, TrainerSettings
+from muvla.training import SCHEDULE_SETTINGS, TrainConfig, Trainer, TrainerSettings
 from muvla.training.distributed import barrier, init_distributed
-from muvla.utils.config import ConfigError, check_choices, save_config, setting, to_dict
-from muvla.utils.shards import atomic_file
+from muvla.utils.config import ConfigError, check_choices, output_settings, setting, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +50,7 @@ MINILM_ITM_LOSS_SCALE = 10.0
 
 
 @dataclass
-class PretrainConfig(TrainerSettings):
+class PretrainConfig(TrainerSettings, OutputPolicy):
     """Pre-training run; the trainer's settings are inherited flat, so the CLI has one flag per setting."""
 
     out: Path = setting(help="run folder: model/, metrics.jsonl, checkpoints/, training_curves.png")
@@ -144,26 +153,57 @@ def _num_classes(store: Any) -> int | None:
     return len(store.classes) if store.classes else None
 
 
-def check_corpus(cfg: PretrainConfig, layout: CorpusLayout) -> None:
+def check_corpus(cfg: PretrainConfig, layout: CorpusLayout) -> CorpusCheck:
     """Refuse (one line) a corpus whose parts disagree, or a ``k`` the corpus cannot give."""
     check = layout.verify()
     if cfg.k is not None and cfg.k > check.k:
         raise ConfigError(f"pretrain: k={cfg.k} but the corpus's {check.pairing} stage gave K={check.k} sentences "
                           f"per image ({layout.retrieval.root}); rebuild it with --k {cfg.k} or use k <= {check.k}")
+    return check
+
+
+def check_vocabulary(layout: CorpusLayout, tokenizer: Any) -> None:
+    """Refuse (one line) a corpus whose phrase token spans were computed with another vocabulary."""
+    record = BuildRecord.read(layout.phrases.root)
+    recorded = record.inputs.get("tokenizer_vocab") if record is not None else None
+    if recorded is not None and recorded != vocab_digest(tokenizer):
+        raise ConfigError(f"pretrain: the phrase token spans of {layout.phrases.root} were computed with another "
+                          "WordPiece vocabulary than this model's tokenizer; rebuild the phrases stage with "
+                          "--tokenizer set to the init's tokenizer, or pre-train from a model with that vocabulary")
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Train (or, for mode=base, just initialise) and save ``<out>/model``; returns the summary."""
+    """Train (or, for mode=base, just initialise) and save ``<out>/model``; returns the summary.
+
+    A step of the protocol (``muvla.corpus.provenance``): a rerun with the same settings and corpus
+    reuses the model, an interrupted one resumes from its newest checkpoint, changed settings are
+    refused unless ``overwrite`` (``resume`` may lengthen the schedule: ``SCHEDULE_SETTINGS``), and a
+    changed corpus or init retrains."""
     cfg.validate()
     out = Path(cfg.out)
     dist = init_distributed(cfg.device)
+    layout = CorpusLayout.at(cfg.corpus, cfg.retrieval, cfg.phrases) if cfg.corpus is not None else None
+    inputs = {"init": digest_model(cfg.init)}
+    if layout is not None:
+        inputs.update(check_corpus(cfg, layout).digests)
+    sources = {"init": cfg.init, "corpus": cfg.corpus, "retrieval": cfg.retrieval, "phrases": cfg.phrases}
+    settings = output_settings(cfg, exclude=("corpus", "retrieval", "phrases", "init"))
     model_dir = out / "model"
+    step = Step("pretrain", out, settings, inputs, [model_dir / "config.json", model_dir / "model.safetensors"], cfg,
+                sources=sources, work=[out / "checkpoints", model_dir, out / "metrics.jsonl", out / "tensorboard",
+                                       out / "training_curves.png"],
+                resume_may_change=SCHEDULE_SETTINGS)
+    summary = run_step(step, lambda start: StepResult(_pretrain(cfg, start, layout, dist)), overwrite=cfg.overwrite,
+                       rank=dist.rank, resume_requested=cfg.resume)
+    barrier()
+    return summary
 
+
+def _pretrain(cfg: PretrainConfig, start: StageStart, layout: CorpusLayout | None, dist: Any) -> dict[str, Any]:
+    cfg = dataclasses.replace(cfg, resume=start.status == "resume")  # the protocol decides, not a flag
+    model_dir = Path(cfg.out) / "model"
     feature_dim = num_classes = None
-    layout = None
-    if cfg.corpus is not None:
-        layout = CorpusLayout.at(cfg.corpus, cfg.retrieval, cfg.phrases)
-        check_corpus(cfg, layout)
+    if layout is not None:
         store = layout.regions.store()
         feature_dim, num_classes = store.feature_dim, _num_classes(store)
     model = build_model(cfg, feature_dim, num_classes)
@@ -172,18 +212,18 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the model vocabulary is "
                           f"{model.config.vocab_size}; use the init checkpoint's tokenizer")
 
-    summary: dict[str, Any] = {"stage": "pretrain", "mode": cfg.mode, "tasks": list(cfg.tasks),
+    summary: dict[str, Any] = {"mode": cfg.mode, "tasks": list(cfg.tasks),
                                "model_parameters": model.num_parameters(), "model": str(model_dir)}
     if cfg.mode == "base":
         if dist.is_main:
             model.save_pretrained(model_dir, tokenizer=tokenizer)
-            _finish(cfg, out, summary)
-        barrier()
         return summary
 
     from muvla.pretraining.grounding import ground_region_projection
     from muvla.pretraining.objectives import PretrainObjectives
 
+    assert layout is not None  # validate() requires a corpus for every mode but base
+    check_vocabulary(layout, tokenizer)
     corpus = PretrainCorpus(layout, tokenizer, cfg.max_text_len, cfg.max_regions, cfg.k,
                             negatives=cfg.itm_negatives)
     if cfg.region_init == "tags" and "encoder.embeddings.region_feature_proj.weight" in model.loading_info.initialised:
@@ -200,13 +240,4 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
                    training_curves=train_summary.get("training_curves"))
     if dist.is_main:
         model.save_pretrained(model_dir, tokenizer=tokenizer)
-        _finish(cfg, out, summary)
-    barrier()
-    return summary
-
-
-def _finish(cfg: PretrainConfig, out: Path, summary: dict[str, Any]) -> None:
-    inputs = {"corpus": cfg.corpus, "retrieval": cfg.retrieval, "phrases": cfg.phrases, "init": cfg.init}
-    save_config(cfg, out, inputs=inputs)
-    with atomic_file(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(to_dict(summary), indent=2, default=str) + "\n", encoding="utf-8")
+    return to_dict(summary)

@@ -2,15 +2,13 @@
 
 Work is split into units of ``unit_size`` inputs in listing order; each unit becomes one part folder,
 written atomically. A rerun skips finished parts, shards own ``unit % num_shards == shard``, and
-whichever process finds every part complete merges them (normally the main rank; with torchrun the
-last one to finish), so outputs never depend on the number of processes or on interruptions.
+the main process merges them once every part exists (a shard that finishes after it reruns it, as
+``muvla corpus`` does), so outputs never depend on the number of processes or on interruptions.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,15 +17,7 @@ from pathlib import Path
 import torch
 
 from muvla.corpus.layout import RegionsOutput
-from muvla.corpus.provenance import (
-    BuildRecord,
-    StageRun,
-    digest_file,
-    digest_json,
-    finish_output,
-    prepare_output,
-    reused_summary,
-)
+from muvla.corpus.provenance import StageRun, Step, StepResult, digest_file, digest_json, run_step
 from muvla.corpus.regions import ImageRegions, RegionPartWriter, merge_region_parts, read_rejected
 from muvla.regions.detector import (
     ButdBackend,
@@ -40,9 +30,9 @@ from muvla.regions.detector import (
 from muvla.regions.images import RejectedImage
 from muvla.regions.object_regions import ObjectDetectorBackend
 from muvla.regions.proposals import ProposalConfig
-from muvla.utils.config import ConfigError, check_choices, output_settings, save_config, setting
+from muvla.utils.config import ConfigError, check_choices, output_settings, setting
 from muvla.utils.progress import progress
-from muvla.utils.shards import UnitPlan, atomic_file, clean_stale_tmp, unit_ranges
+from muvla.utils.shards import ShardSpec, UnitPlan, clean_stale_tmp, unit_ranges
 
 BACKENDS = ("detector", "coco-instances", "vinvl-tsv", "butd-tsv", "centernet", "transformers", "auto")
 IMAGE_BACKENDS = ("detector", "coco-instances", "centernet", "transformers", "auto")
@@ -292,20 +282,16 @@ def _run(cfg: RegionsConfig) -> dict:
     items = backend.list_inputs()
     if not items:
         raise ConfigError(f"no inputs found for regions backend {cfg.backend!r} (nothing to do)")
-    record = BuildRecord("regions", output_settings(cfg, exclude=INPUT_FIELDS), input_digests(cfg, items))
+    step = Step("regions", output.root, output_settings(cfg, exclude=INPUT_FIELDS), input_digests(cfg, items),
+                output.outputs(), cfg, sources={k: getattr(cfg, k) for k in INPUT_FIELDS},
+                work=[output.parts, output.rejected], redo_on_input_change=False)
+    return run_step(step, lambda _start: _detect(cfg, shard, output, backend, items), overwrite=cfg.overwrite,
+                    rank=shard.rank)
 
-    def clear(_old: BuildRecord | None) -> None:
-        for path in (output.parts, output.index, output.classes, output.rejected, output.root / "summary.json"):
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
 
-    start = prepare_output(output.root, record, overwrite=cfg.overwrite, is_main=shard.is_main, clear=clear,
-                           outputs=output.outputs(), work=[output.parts],
-                           redo_on_input_change=False)
-    if start.status == "reuse":
-        return reused_summary(output.root)
+def _detect(cfg: RegionsConfig, shard: ShardSpec, output: RegionsOutput, backend: RegionBackend,
+            items: list[InputItem]) -> StepResult:
+    """This process's units; then, on the main process once every part exists, the merge."""
     units = unit_ranges(len(items), cfg.unit_size)
     plan = UnitPlan(output.parts, "part", len(units), shard)
     output.parts.mkdir(parents=True, exist_ok=True)
@@ -326,21 +312,16 @@ def _run(cfg: RegionsConfig) -> dict:
             _process_unit(backend, items[start_i:stop_i], cfg, tmp, tick)
     next(ticks, None)  # let the bar close
 
-    if not plan.complete():
-        summary = {**plan.waiting("regions"), "backend": backend.name, "merged": False, "shard": shard.rank,
-                   "num_shards": shard.world, "parts_written_now": len(todo), "images_seen": len(items)}
-        with atomic_file(output.root / f"summary.shard-{shard.rank}-of-{shard.world}.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-        return summary
+    if not shard.is_main or not plan.complete():  # only the main process merges (docs/DESIGN.md)
+        status = plan.waiting("regions") if not plan.complete() else {"status": "shard_done"}
+        return StepResult({**status, "backend": backend.name, "merged": False, "shard": shard.rank,
+                           "num_shards": shard.world, "parts_written_now": len(todo), "images_seen": len(items)},
+                          complete=False)
     output.write_classes(backend.classes)
     stats = merge_region_parts(output.root)
     summary = _merged_summary(output.root, len(items), len(units), stats, backend.name)
     summary["parts_written_now"] = len(todo)
-    save_config(cfg, output.root, inputs={k: getattr(cfg, k) for k in INPUT_FIELDS if getattr(cfg, k) is not None})
-    with atomic_file(output.root / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    finish_output(output.root, record, output.outputs())
-    return summary
+    return StepResult(summary)
 
 
 def describe(summary: dict) -> list[str]:

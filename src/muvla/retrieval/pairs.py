@@ -21,17 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from muvla.corpus.layout import RegionsOutput, RetrievalOutput, TextOutput, TopK
-from muvla.corpus.provenance import (
-    BuildRecord,
-    OutputPolicy,
-    digest_file,
-    finish_output,
-    prepare_output,
-    reused_summary,
-)
+from muvla.corpus.provenance import OutputPolicy, Step, StepResult, digest_file, run_step
 from muvla.retrieval.stage import DEFAULT_K
-from muvla.utils.config import ConfigError, check_choices, output_settings, save_config, setting
-from muvla.utils.shards import atomic_file
+from muvla.utils.config import ConfigError, check_choices, output_settings, setting
 
 PAIRING_MODES = ("random", "aligned", "aligned_ratio")
 
@@ -96,16 +88,12 @@ def run_pairs(cfg: PairsConfig) -> dict:
     inputs = {"regions": regions.digest(), "text": text.digest()}
     if cfg.captions is not None:
         inputs["captions"] = digest_file(Path(cfg.captions))
-    record = BuildRecord("pairs", output_settings(cfg, exclude=("regions", "text", "captions")), inputs)
+    step = Step("pairs", output.root, output_settings(cfg, exclude=("regions", "text", "captions")), inputs,
+                output.outputs(), cfg, sources={"regions": regions.root, "text": text.root, "captions": cfg.captions})
+    return run_step(step, lambda _start: StepResult(_pair(cfg, regions, text, output)), overwrite=cfg.overwrite)
 
-    def clear(_old: BuildRecord | None) -> None:
-        for path in (output.topk, output.root / "summary.json"):
-            path.unlink(missing_ok=True)
 
-    start = prepare_output(output.root, record, overwrite=cfg.overwrite, is_main=True, clear=clear,
-                           outputs=output.outputs())
-    if start.status == "reuse":
-        return reused_summary(output.root)
+def _pair(cfg: PairsConfig, regions: RegionsOutput, text: TextOutput, output: RetrievalOutput) -> dict:
     image_ids, _ = regions.image_tags()
     n_sentences = text.count()
     if n_sentences == 0:
@@ -133,17 +121,12 @@ def run_pairs(cfg: PairsConfig) -> dict:
             rows_image.append(image)
             rows_rank.append(rank)
             rows_sid.append(int(sid))
-    save_config(cfg, output.root, inputs={"regions": cfg.regions, "text": cfg.text, "captions": cfg.captions})
     output.write_topk(TopK(rows_image, np.asarray(rows_rank, np.int32), np.asarray(rows_sid, np.int64),
                            np.full(len(rows_sid), np.nan, np.float32)))
-    summary = {"stage": "pairs", "mode": cfg.mode, "p": cfg.p, "k": cfg.k, "images": len(image_ids),
-               "aligned_images": len(aligned_images) - len(no_caption),
-               "images_without_caption_skipped": len(no_caption), "examples": no_caption[:20],
-               "pairs": len(rows_image)}
-    with atomic_file(output.root / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    finish_output(output.root, record, output.outputs())
-    return summary
+    return {"mode": cfg.mode, "p": cfg.p, "k": cfg.k, "images": len(image_ids),
+            "aligned_images": len(aligned_images) - len(no_caption),
+            "images_without_caption_skipped": len(no_caption), "examples": no_caption[:20],
+            "pairs": len(rows_image)}
 
 
 def describe(summary: dict) -> list[str]:

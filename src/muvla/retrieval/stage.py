@@ -33,14 +33,7 @@ import numpy as np
 
 from muvla import encoders
 from muvla.corpus.layout import RegionsOutput, RetrievalOutput, TextOutput, TopK
-from muvla.corpus.provenance import (
-    BuildRecord,
-    StageRun,
-    digest_file,
-    finish_output,
-    prepare_output,
-    reused_summary,
-)
+from muvla.corpus.provenance import BuildRecord, StageRun, Step, StepResult, digest_file, run_step
 from muvla.retrieval.queries import QUERY_MODES, TaggedImage
 from muvla.retrieval.rerank import (
     HUBNESS_CORRECTIONS,
@@ -49,9 +42,9 @@ from muvla.retrieval.rerank import (
     rank_images,
     read_tagged_images,
 )
-from muvla.utils.config import ConfigError, check_choices, output_settings, save_config, setting
+from muvla.utils.config import ConfigError, check_choices, output_settings, setting
 from muvla.utils.progress import progress
-from muvla.utils.shards import UnitPlan, atomic_file, clean_stale_tmp, unit_ranges
+from muvla.utils.shards import ShardSpec, UnitPlan, atomic_file, clean_stale_tmp, unit_ranges
 
 DEFAULT_K = 5  # the paper's best K; the one default of "sentences per image" (pairs use it too)
 
@@ -311,38 +304,36 @@ def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
     settings = output_settings(cfg, exclude=("regions", "text", "exclude_sentence_ids"))
     settings["encoder_backend"] = encoders.get_encoder(cfg.model, cfg.device, cfg.encoder_backend).backend
     cfg = dataclasses.replace(cfg, encoder_backend=settings["encoder_backend"])  # the backend that really runs
-    record = BuildRecord("retrieval", settings, inputs)
     emb_meta = embedding_meta(cfg, n, inputs["text"])
     emb_meta_path = output.embeddings / "meta.json"
 
     def clear(_old: BuildRecord | None) -> None:
         for path in (output.topk, output.queries, output.skipped, output.index, output.index_ids,
-                     output.index_meta, output.root / "summary.json"):
+                     output.index_meta, *output.root.glob("summary*.json")):
             path.unlink(missing_ok=True)
         if output.embeddings.exists() and _read_json(emb_meta_path) != emb_meta:
             shutil.rmtree(output.embeddings)  # embeddings of another text store, model or unit size
 
-    start = prepare_output(output.root, record, overwrite=cfg.overwrite, is_main=shard.is_main, clear=clear,
-                           outputs=output.outputs(), work=[output.embeddings])
-    if start.status == "reuse":
-        return reused_summary(output.root)
+    step = Step("retrieval", output.root, settings, inputs, output.outputs(), cfg,
+                sources={"regions": regions.root, "text": text.root, "exclude_sentence_ids": cfg.exclude_sentence_ids},
+                work=[output.embeddings], clear=clear)
+    return run_step(step, lambda _start: _retrieve(cfg, shard, output, regions, text, n, emb_meta),
+                    overwrite=cfg.overwrite, rank=shard.rank)
+
+
+def _retrieve(cfg: RetrievalConfig, shard: ShardSpec, output: RetrievalOutput, regions: RegionsOutput,
+              text: TextOutput, n: int, emb_meta: dict[str, Any]) -> StepResult:
     if shard.is_main:
         output.embeddings.mkdir(parents=True, exist_ok=True)
-        with atomic_file(emb_meta_path) as tmp:
+        with atomic_file(output.embeddings / "meta.json") as tmp:
             tmp.write_text(json.dumps(emb_meta, indent=2), encoding="utf-8")
-        save_config(cfg, output.root, inputs={"regions": str(regions.root), "text": str(text.root), **inputs})
-
     plan = UnitPlan(output.embeddings, "part", len(unit_ranges(n, cfg.unit_size)), shard, ".npy")
-    summary: dict[str, Any] = {"stage": "retrieval", "shard": shard.rank, "num_shards": shard.world, "sentences": n}
+    summary: dict[str, Any] = {"shard": shard.rank, "num_shards": shard.world, "sentences": n}
     summary.update(encode_units(cfg, plan, text, n))
     if not shard.is_main:
-        summary["status"] = "encoded_shard"
-        _write_summary(output.root / f"summary.rank-{shard.rank:05d}.json", summary)
-        return summary
+        return StepResult({**summary, "status": "encoded_shard"}, complete=False)
     if not plan.complete():
-        summary.update(plan.waiting("retrieval"))
-        _write_summary(output.root / "summary.json", summary)
-        return summary
+        return StepResult({**summary, **plan.waiting("retrieval")}, complete=False)
 
     excluded = read_exclusions(cfg.exclude_sentence_ids, n)
     keep = np.setdiff1d(np.arange(n, dtype=np.int64), excluded)
@@ -379,14 +370,7 @@ def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
         queries_per_s=round(unique / query_seconds, 1) if unique and query_seconds > 0 else None,
         hubness=_hubness(topk, int(keep.size), n),
     )
-    _write_summary(output.root / "summary.json", summary)
-    finish_output(output.root, record, output.outputs())
-    return summary
-
-
-def _write_summary(path: Path, summary: dict[str, Any]) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return StepResult(summary)
 
 
 def describe(summary: dict[str, Any]) -> list[str]:

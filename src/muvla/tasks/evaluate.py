@@ -15,7 +15,6 @@ plus the task's extra outputs (retrieval: the score matrix and a recall figure).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,15 @@ from typing import Any
 import torch
 
 from muvla.corpus.layout import RegionsOutput
+from muvla.corpus.provenance import (
+    OutputPolicy,
+    Step,
+    StepResult,
+    digest_file,
+    digest_model,
+    run_step,
+    summary_path,
+)
 from muvla.corpus.regions import RegionStore
 from muvla.tasks.batch import DEFAULT_MAX_TEXT_LEN, has_regions_fn
 from muvla.tasks.files import LoadReport
@@ -42,14 +50,13 @@ from muvla.tasks.spec import EvalOptions, Evaluation, ReadOptions, TaskSpec
 from muvla.tasks.vocab import AnswerVocab
 from muvla.training import pick_device
 from muvla.training.distributed import DEVICES
-from muvla.utils.config import ConfigError, check_choices, save_config, setting
-from muvla.utils.shards import atomic_file
+from muvla.utils.config import ConfigError, check_choices, output_settings, setting
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(OutputPolicy):
     """``muvla evaluate`` settings."""
 
     out: Path = setting(help="results JSON path, or a folder (-> <out>/results.json)")
@@ -200,18 +207,37 @@ def _write_outputs(spec: TaskSpec, cfg: EvaluateConfig, evaluation: Evaluation, 
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate one task on one split; write results.json, predictions, rejected.jsonl, summary.json."""
-    from muvla.encoders import load_wordpiece_tokenizer
+    """Evaluate one task on one split; write results.json, predictions, rejected.jsonl, summary.json.
 
+    A step of the protocol (``muvla.corpus.provenance``): the same settings, model, regions and data
+    reuse the finished evaluation; changed settings are refused unless ``overwrite``; a changed model
+    or input file evaluates again."""
     cfg.validate()
     spec = get_task(str(cfg.task))
+    results_path, folder = output_paths(cfg.out)
+    regions_root = Path(cfg.regions) if cfg.regions is not None else _build_regions(cfg, folder)
+    inputs = {"regions": RegionsOutput(regions_root).digest(), "model": digest_model(cfg.model)}
+    inputs.update({f"data:{i}:{p.name}": digest_file(p) for i, p in enumerate(cfg.data_files())})
+    if cfg.answer_vocab is not None:
+        inputs["answer_vocab"] = digest_file(Path(cfg.answer_vocab))
+    pred_path = spec.prediction_path(folder, cfg.split)
+    step = Step("evaluate", folder, output_settings(cfg, exclude=("out", "data", "captions", "regions", "images",
+                                                                   "model", "answer_vocab")),
+                inputs, [pred_path, summary_path(folder)], cfg,
+                sources={"data": cfg.data_files(), "regions": regions_root, "model": cfg.model,
+                         "answer_vocab": cfg.answer_vocab},
+                work=[results_path, folder / "rejected.jsonl"])
+    return run_step(step, lambda _start: StepResult(_evaluate(cfg, spec, regions_root, results_path, folder)),
+                    overwrite=cfg.overwrite)
+
+
+def _evaluate(cfg: EvaluateConfig, spec: TaskSpec, regions_root: Path, results_path: Path,
+              folder: Path) -> dict[str, Any]:
+    from muvla.encoders import load_wordpiece_tokenizer
+
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
-    results_path, folder = output_paths(cfg.out)
-    folder.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
-    regions_root = cfg.regions if cfg.regions is not None else _build_regions(cfg, folder)
-    RegionsOutput(Path(regions_root)).digest()  # a finished regions output, unchanged since (one line if not)
     store = RegionStore(regions_root)
     model, info, model_folder = _load_model(spec, cfg.model, store.feature_dim)
     cfg = dataclasses.replace(cfg, max_text_len=read_back_max_text_len(cfg.max_text_len, info))
@@ -225,13 +251,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     pred_path = spec.prediction_path(folder, cfg.split)
     evaluation = spec.score(model.to(device), examples, report, options, pred_path)
     written = _write_outputs(spec, cfg, evaluation, report, folder, results_path)
-    summary: dict[str, Any] = {"stage": "evaluate", "task": spec.name, "split": cfg.split, "model": str(cfg.model),
-                               "regions": str(regions_root), "device": str(device), "max_text_len": cfg.max_text_len,
-                               **{k: v for k, v in written.items() if k != "results"},
-                               "metrics": evaluation.metrics, "load_report": report.to_dict(),
-                               "results": written["results"], "predictions": str(pred_path)}
-    with atomic_file(folder / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    save_config(cfg, folder, inputs={"data": cfg.data, "regions": regions_root, "model": cfg.model})
     logger.info("evaluate %s/%s: %s (%s)", spec.name, cfg.split, evaluation.metrics, report.summary())
-    return summary
+    return {"task": spec.name, "split": cfg.split, "model": str(cfg.model),
+            "regions": str(regions_root), "device": str(device), "max_text_len": cfg.max_text_len,
+            **{k: v for k, v in written.items() if k != "results"},
+            "metrics": evaluation.metrics, "load_report": report.to_dict(),
+            "results": written["results"], "predictions": str(pred_path)}

@@ -15,7 +15,7 @@ metrics.jsonl). Outputs under ``<out>``:
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,23 +24,32 @@ from typing import Any
 import torch
 
 from muvla.corpus.layout import RegionsOutput
+from muvla.corpus.provenance import (
+    OutputPolicy,
+    StageStart,
+    Step,
+    StepResult,
+    digest_file,
+    digest_model,
+    run_step,
+)
 from muvla.corpus.regions import RegionStore
 from muvla.tasks.batch import DEFAULT_MAX_TEXT_LEN, TaskCollator, has_regions_fn
 from muvla.tasks.files import LoadReport, merge_reports
-from muvla.tasks.model import ANSWER_VOCAB_FILE, TaskModel, load_encoder, tokenizer_source
+from muvla.tasks.model import ANSWER_VOCAB_FILE, HEAD_WEIGHTS, TaskModel, load_encoder, tokenizer_source
 from muvla.tasks.registry import get_task, task_names
 from muvla.tasks.results import write_results
 from muvla.tasks.spec import DataOptions, EvalOptions, ReadOptions, TaskSpec
 from muvla.tasks.vocab import AnswerVocab
-from muvla.training import TrainConfig, Trainer, TrainerSettings
-from muvla.utils.config import ConfigError, save_config, setting
-from muvla.utils.shards import atomic_file
+from muvla.training import SCHEDULE_SETTINGS, TrainConfig, Trainer, TrainerSettings
+from muvla.utils.config import ConfigError, output_settings, setting
+from muvla.utils.shards import resolve_shard
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class FinetuneConfig(TrainerSettings):
+class FinetuneConfig(TrainerSettings, OutputPolicy):
     """``muvla finetune`` settings; trainer fields are flat (CLI flags), defaults are small CPU values.
     The paper's values are in configs/finetune/*_reference.yaml."""
 
@@ -151,27 +160,53 @@ def _train(cfg: FinetuneConfig, spec: TaskSpec, examples: list[Any], store: Regi
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune ``cfg.model`` on ``cfg.task``; save the task model; evaluate on ``cfg.val``."""
+    """Fine-tune ``cfg.model`` on ``cfg.task``; save the task model; evaluate on ``cfg.val``.
+
+    A step of the protocol (``muvla.corpus.provenance``): the same settings, files, regions and model
+    reuse the finished run; an interrupted one resumes; changed settings are refused unless
+    ``overwrite`` (``resume`` may lengthen the schedule); a changed input retrains."""
+    cfg.validate()
+    out = Path(cfg.out)
+    regions = RegionsOutput(Path(cfg.regions))
+    inputs = {"regions": regions.digest(), "model": digest_model(cfg.model)}  # a finished, unchanged region store
+    inputs.update({f"train:{i}:{Path(p).name}": digest_file(Path(p)) for i, p in enumerate(cfg.train)})
+    inputs.update({f"val:{i}:{Path(p).name}": digest_file(Path(p)) for i, p in enumerate(cfg.val)})
+    if cfg.answer_vocab is not None:
+        inputs["answer_vocab"] = digest_file(Path(cfg.answer_vocab))
+    model_dir = out / "model"
+    outputs = [model_dir / "task.json", model_dir / HEAD_WEIGHTS] + ([out / "results.json"] if cfg.val else [])
+    step = Step("finetune", out, output_settings(cfg, exclude=("train", "val", "regions", "model", "images",
+                                                                "answer_vocab")),
+                inputs, outputs, cfg,
+                sources={"train": cfg.train, "val": cfg.val, "regions": cfg.regions, "model": cfg.model,
+                         "answer_vocab": cfg.answer_vocab},
+                work=[out / "checkpoints", model_dir, out / "metrics.jsonl", out / "training_curves.png",
+                      out / "rejected.jsonl", *out.glob("predictions_*")],
+                resume_may_change=SCHEDULE_SETTINGS)
+    return run_step(step, lambda start: StepResult(_finetune(cfg, start)), overwrite=cfg.overwrite,
+                    rank=resolve_shard().rank, resume_requested=cfg.resume)
+
+
+def _finetune(cfg: FinetuneConfig, start: StageStart) -> dict[str, Any]:
     from muvla.encoders import load_wordpiece_tokenizer
 
-    cfg.validate()
+    cfg = dataclasses.replace(cfg, resume=start.status == "resume")  # the protocol decides, not a flag
     spec = get_task(cfg.task)
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    RegionsOutput(Path(cfg.regions)).digest()  # a finished regions output, unchanged since (one line if not)
     store = RegionStore(cfg.regions)
     vocab, vocab_path = _answer_vocab(cfg, spec, out)
     examples, train_report = _read_train(cfg, spec, store, vocab, out)
     tokenizer = load_wordpiece_tokenizer(tokenizer_source(cfg.model))
     model, trainer, train_summary = _train(cfg, spec, examples, store, tokenizer, vocab)
     if not trainer.dist.is_main:
-        return {"stage": "finetune", "task": spec.name, "rank": trainer.dist.rank, "train": train_summary}
+        return {"task": spec.name, "rank": trainer.dist.rank, "train": train_summary}
 
     model_dir = model.save_pretrained(out / "model", answer_vocab=vocab_path, max_text_len=cfg.max_text_len,
                                       finetuned_from=str(cfg.model))
-    summary: dict[str, Any] = {"stage": "finetune", "task": spec.name, "model_dir": str(model_dir),
+    summary: dict[str, Any] = {"task": spec.name, "model_dir": str(model_dir),
                                "train_examples": len(examples), "train_load_report": train_report.to_dict(),
                                "train": {k: v for k, v in train_summary.items() if k != "config"}}
     if train_summary.get("wall_s") and train_summary.get("resumed_from") is None:
@@ -182,8 +217,4 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         summary.update(val_summary)
         reports.append(val_report)
     merge_reports(reports).write_rejected(out / "rejected.jsonl")
-    with atomic_file(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
-    save_config(cfg, out, inputs={"train": cfg.train, "val": cfg.val, "regions": cfg.regions, "model": cfg.model,
-                                  "answer_vocab": vocab_path})
     return summary

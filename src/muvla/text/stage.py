@@ -21,14 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from muvla.corpus.layout import TextOutput
-from muvla.corpus.provenance import (
-    BuildRecord,
-    OutputPolicy,
-    digest_file,
-    finish_output,
-    prepare_output,
-    reused_summary,
-)
+from muvla.corpus.provenance import OutputPolicy, Step, StepResult, digest_file, run_step
 from muvla.text.readers import (
     FORMATS,
     READERS,
@@ -38,7 +31,7 @@ from muvla.text.readers import (
     normalise,
     parse_corpus_entry,
 )
-from muvla.utils.config import ConfigError, check_choices, output_settings, save_config, setting
+from muvla.utils.config import ConfigError, check_choices, output_settings, setting
 from muvla.utils.shards import atomic_file, clean_stale_tmp
 
 logger = logging.getLogger(__name__)
@@ -158,21 +151,15 @@ def run_text(cfg: TextConfig) -> dict[str, Any]:
     cfg.validate()
     output = TextOutput(Path(cfg.out))
     inputs = cfg.inputs()
-    record = BuildRecord("text", output_settings(cfg, exclude=("corpus",)),
-                         {f"{i}:{fmt}:{path.name}": digest_file(path) for i, (fmt, path) in enumerate(inputs)})
+    step = Step("text", output.root, output_settings(cfg, exclude=("corpus",)),
+                {f"{i}:{fmt}:{path.name}": digest_file(path) for i, (fmt, path) in enumerate(inputs)},
+                output.outputs(), cfg, sources={f"{i}:{fmt}:{path.name}": path for i, (fmt, path) in enumerate(inputs)},
+                work=[output.rejected])
+    return run_step(step, lambda _start: StepResult(_read_corpora(cfg, output, inputs)), overwrite=cfg.overwrite)
 
-    def clear(_old: BuildRecord | None) -> None:
-        for path in (output.sentences, output.rejected, output.root / "summary.json"):
-            path.unlink(missing_ok=True)
 
-    start = prepare_output(output.root, record, overwrite=cfg.overwrite, is_main=True, clear=clear,
-                           outputs=output.outputs())
-    summary_path = output.root / "summary.json"
-    if start.status == "reuse":
-        return reused_summary(output.root)
+def _read_corpora(cfg: TextConfig, output: TextOutput, inputs: list[tuple[str, Path]]) -> dict[str, Any]:
     clean_stale_tmp(output.root)
-    save_config(cfg, output.root, inputs={"corpus": [{"format": f, "path": str(p)} for f, p in inputs]})
-
     t0 = time.time()
     per_source: dict[str, dict[str, Any]] = {}
     bad_files: list[dict[str, str]] = []
@@ -195,9 +182,7 @@ def run_text(cfg: TextConfig) -> dict[str, Any]:
     n_sentences = writer.count
     if len(bad_files) == len(inputs):
         raise ConfigError(f"text: no usable corpus file ({'; '.join(b['reason'] for b in bad_files)})")
-
-    summary = {
-        "stage": "text",
+    return {
         "sentences": n_sentences,
         "sources": per_source,
         "files_rejected": bad_files,
@@ -207,10 +192,6 @@ def run_text(cfg: TextConfig) -> dict[str, Any]:
         "invalid_utf8": cfg.invalid_utf8,
         "seconds": round(time.time() - t0, 3),
     }
-    with atomic_file(summary_path) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    finish_output(output.root, record, output.outputs())
-    return summary
 
 
 def describe(summary: dict[str, Any]) -> list[str]:

@@ -6,7 +6,14 @@ exact resume. Neither ``muvla.pretraining`` nor ``muvla.tasks`` is imported from
 """
 
 from muvla.training.distributed import DistInfo, init_distributed, pick_device
-from muvla.training.trainer import StepOutput, TrainConfig, Trainer, TrainerSettings, move_to_device
+from muvla.training.trainer import (
+           SCHEDULE_SETTINGS,
+           StepOutput,
+           TrainConfig,
+           Trainer,
+           TrainerSettings,
+           move_to_device,
+)
 
-__all__ = ["DistInfo", "StepOutput", "TrainConfig", "Trainer", "TrainerSettings", "init_distributed", "pick_device",
+__all__ = ["SCHEDULE_SETTINGS", "DistInfo", "StepOutput", "TrainConfig", "Trainer", "TrainerSettings", "init_distributed", "pick_device",
            "move_to_device"]

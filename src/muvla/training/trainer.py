@@ -66,6 +66,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # config and step protocol
 
 
+# Settings an explicit ``resume`` may change while continuing a run's checkpoints (a longer schedule);
+# any other changed setting makes a rerun refuse or, with ``overwrite``, start again.
+SCHEDULE_SETTINGS = frozenset({"max_steps", "epochs", "lr"})
+
+
 @dataclass(kw_only=True)
 class TrainerSettings:
     """Optimisation and bookkeeping settings (defaults follow the paper's reference configs).

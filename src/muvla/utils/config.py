@@ -221,13 +221,22 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 def load_config(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
     """Load ``cls`` from an optional YAML file, then apply overrides (``None`` values are ignored).
 
-    Override keys may be dotted (``retrieval.k``) to reach nested sections.
+    Override keys may be dotted (``retrieval.k``) to reach nested sections. A ``config.yaml`` written
+    next to an output (:func:`save_config`) loads back as the config it records, so "rerun exactly
+    what produced this" is ``--config <out>/config.yaml``.
     """
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    if path is not None and set(data) >= RECORD_KEYS:  # a config.yaml that save_config wrote next to an output
+        if data["stage_config"] != cls.__name__:
+            raise ConfigError(f"{path} records a {data['stage_config']}, not the {cls.__name__} this command takes")
+        data = dict(data["config"] or {})
     for key, value in (overrides or {}).items():
         if value is not None:
             set_dotted(data, key, value)
     return from_dict(cls, data)
+
+
+RECORD_KEYS = frozenset({"stage_config", "config"})  # the keys save_config writes around the config
 
 
 def save_config(cfg: Any, out_dir: str | Path, inputs: dict[str, Any] | None = None,
