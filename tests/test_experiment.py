@@ -70,6 +70,26 @@ def test_tiny_experiment_writes_results_and_resumes(tmp_path: Path, one_thread) 
     assert (layout.model("joint_unaligned", 0) / "model" / "model.safetensors").stat().st_mtime_ns == kept
     assert again["runs"][0]["zero_shot"] == summary["runs"][0]["zero_shot"]
     assert (layout.model("muvla", 0) / "probe" / "results.json").is_file()
+    assert again["steps"]["redone"] == ["models/muvla/seed-0/probe"]
+
+    # an unchanged rerun does nothing and says so
+    third = run_experiment(cfg)
+    assert third["steps"]["redone"] == [] and "nothing to do" in describe(third)[0]
+
+    # a changed pre-training setting is refused, naming it; with overwrite the models (and only what
+    # depends on them) are redone
+    with pytest.raises(ConfigError, match=r"lr=0\.001 \(this run: 0\.005\).*--overwrite"):
+        run_experiment(tiny_experiment(tmp_path, **{"pretrain.lr": 5e-3}))
+    model_file = layout.model("muvla", 0) / "model" / "model.safetensors"
+    before = model_file.read_bytes()
+    retrained = run_experiment(tiny_experiment(tmp_path, overwrite=True, **{"pretrain.lr": 5e-3}))
+    assert model_file.read_bytes() != before
+    assert sorted(retrained["steps"]["redone"]) == sorted(f"models/{m}/seed-0{part}" for m in ("joint_unaligned", "muvla")
+                                                          for part in ("", "/zero_shot", "/probe"))
+
+    # a changed split setting never keeps the old split silently
+    with pytest.raises(ConfigError, match=r"held_out=0\.4 \(this run: 0\.6\)"):
+        run_experiment(tiny_experiment(tmp_path, **{"evaluation.held_out": 0.6}))
 
 
 def test_experiment_settings_are_checked_first(tmp_path: Path) -> None:

@@ -175,11 +175,15 @@ def test_finetune_vqa_end_to_end_with_rejections(env: dict, tmp_path: Path) -> N
                                       regions=env["regions"], device="cpu", max_text_len=16))
     assert res["metrics"]["accuracy"] == pytest.approx(summary["val_metrics"]["accuracy"])
     assert json.loads((tmp_path / "eval" / "predictions_vqa_val.json").read_text()) == preds
-    # a rerun into the same folder without resume refuses to mix runs; with resume it continues
-    with pytest.raises(ConfigError, match="resume"):
-        run_finetune(cfg)
-    cfg2 = common(env, out, task="vqa", train=[q, a], answer_vocab=vocab, max_steps=4, resume=True)
-    assert run_finetune(cfg2)["train"]["steps"] == 4
+    # an unchanged rerun reuses the finished run; a longer schedule is refused, naming the setting,
+    # unless resume asks to continue the checkpoints
+    again = run_finetune(cfg)
+    assert again["reused"] and again["val_metrics"] == summary["val_metrics"]
+    with pytest.raises(ConfigError, match="max_steps=3 .this run: 4.*--overwrite"):
+        run_finetune(common(env, out, task="vqa", train=[q, a], val=[q, a], answer_vocab=vocab, max_steps=4))
+    cfg2 = common(env, out, task="vqa", train=[q, a], val=[q, a], answer_vocab=vocab, max_steps=4, resume=True)
+    longer = run_finetune(cfg2)
+    assert longer["train"]["steps"] == 4 and longer["train"]["resumed_from"].endswith("step-0000003")
 
 
 def test_finetune_nlvr2_missing_image_is_rejected_with_line(env: dict, tmp_path: Path) -> None:

@@ -255,6 +255,13 @@ def save_config(cfg: Any, out_dir: str | Path, inputs: dict[str, Any] | None = N
         "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     path = out / name
+    if path.is_file():  # the same config again (a rerun): keep the file, and with it when it was first written
+        try:
+            old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            old = {}
+        if all(old.get(k) == record[k] for k in ("stage_config", "config", "inputs", "muvla_version")):
+            return path
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(record, sort_keys=False), encoding="utf-8")
     tmp.replace(path)
