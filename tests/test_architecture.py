@@ -10,7 +10,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "muvla"
 STAGES = ("regions", "text", "retrieval", "phrases")  # the corpus stages
-FORMAT = ("corpus.layout", "corpus.provenance", "corpus.regions", "corpus.synthetic")  # the on-disk format
+FORMAT = ("corpus.layout", "corpus.provenance", "corpus.regions", "corpus.synthetic",  # the on-disk format
+          "corpus.captions")
 
 
 def module_name(path: Path) -> str:
@@ -85,3 +86,26 @@ def test_corpus_stages_do_not_import_each_other() -> None:
     for stage in STAGES:
         others = set(STAGES) - {stage}
         assert not _violations(stage, others | {"pretraining", "tasks", "training", "corpus.build"}), stage
+
+
+COCO_CAPTION_KEYS = {"annotations", "caption"}
+
+
+def reads_coco_captions(source: str) -> bool:
+    """True when code names both keys of a COCO captions JSON (``data["annotations"]``, ``ann.get("caption")``,
+    a key tuple...): the mark of a parser of that format. Docstrings are sentences, never just the key."""
+    names = {node.value for node in ast.walk(ast.parse(source))
+             if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    return COCO_CAPTION_KEYS.issubset(names)
+
+
+def test_the_check_sees_a_coco_captions_parser() -> None:
+    parser = 'import json\ndef f(p):\n    return [a.get("caption") for a in json.load(open(p))["annotations"]]\n'
+    assert reads_coco_captions(parser)
+    assert not reads_coco_captions('def f(d):\n    return d["annotations"]\n')  # e.g. COCO instances, VQA
+
+
+def test_coco_captions_json_is_parsed_in_one_module() -> None:
+    """One owner per format (docs/DESIGN.md): everyone else reads captions through muvla.corpus.captions."""
+    parsers = sorted(module_name(p) for p in PACKAGE.rglob("*.py") if reads_coco_captions(p.read_text(encoding="utf-8")))
+    assert parsers == ["muvla.corpus.captions"]

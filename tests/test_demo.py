@@ -15,7 +15,7 @@ from muvla.demo import (
     run_demo,
     write_sample_images,
 )
-from muvla.tasks.retrieval import load_coco_captions
+from muvla.tasks.image_text_retrieval import load_coco_captions
 
 
 def test_sample_images_are_written_once(tmp_path: Path) -> None:
@@ -35,7 +35,7 @@ def test_held_out_captions_name_the_sample_images_by_file_stem() -> None:
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import muvla.tasks.retrieval as retrieval_task
+    import muvla.tasks.image_text_retrieval as retrieval_task
 
     bars: list[str] = []
     real_progress = retrieval_task.progress

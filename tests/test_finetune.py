@@ -20,11 +20,11 @@ from muvla.model import Model
 from muvla.tasks.batch import TaskCollator, has_regions_fn
 from muvla.tasks.evaluate import EvaluateConfig, run_evaluate
 from muvla.tasks.finetune import FinetuneConfig, run_finetune
+from muvla.tasks.image_text_retrieval import CaptionExample, RetrievalTrainDataset, retrieval_scores
 from muvla.tasks.model import TaskModel
 from muvla.tasks.nlvr2 import NLVR2Dataset, NLVR2Example
 from muvla.tasks.refcoco import RefCOCODataset, RefExample, refcoco_target
 from muvla.tasks.registry import get_task
-from muvla.tasks.retrieval import CaptionExample, RetrievalTrainDataset, retrieval_scores
 from muvla.tasks.snli_ve import SNLIVEDataset, SNLIVEExample
 from muvla.tasks.table import collect_results
 from muvla.tasks.vocab import AnswerVocab

@@ -27,7 +27,7 @@ from muvla.utils.config import ConfigError
 from toy_task import TOY
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "muvla"
-TASK_MODULES = ("vqa", "nlvr2", "snli_ve", "refcoco", "retrieval")
+TASK_MODULES = ("vqa", "nlvr2", "snli_ve", "refcoco", "image_text_retrieval")
 IMAGES = {str(i): {"boxes": grid_boxes(2 + i % 3)} for i in range(1, 7)}
 
 

@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 
 from muvla.tasks.files import NO_REGIONS, Record
-from muvla.tasks.nlvr2 import load_nlvr2, nlvr2_accuracy_consistency, nlvr2_image_stem
-from muvla.tasks.refcoco import load_refcoco, load_refcoco_json
-from muvla.tasks.retrieval import (
+from muvla.tasks.image_text_retrieval import (
     caption_index,
     load_caption_lines,
     load_caption_tsv,
@@ -20,6 +18,8 @@ from muvla.tasks.retrieval import (
     load_coco_captions,
     read_captions,
 )
+from muvla.tasks.nlvr2 import load_nlvr2, nlvr2_accuracy_consistency, nlvr2_image_stem
+from muvla.tasks.refcoco import load_refcoco, load_refcoco_json
 from muvla.tasks.snli_ve import LABELS, load_snli_ve
 from muvla.tasks.spec import ReadOptions
 from muvla.tasks.vocab import AnswerVocab

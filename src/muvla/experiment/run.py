@@ -32,6 +32,13 @@ from typing import Any
 import numpy as np
 
 from muvla.corpus.build import CorpusConfig, finished, run_corpus, run_everywhere
+from muvla.corpus.captions import (
+    CaptionsFile,
+    CaptionsFileError,
+    caption_key,
+    read_captions_file,
+    write_captions_file,
+)
 from muvla.corpus.layout import CorpusLayout, TextOutput
 from muvla.corpus.provenance import Step, StepResult, digest_file, digest_json, run_step, write_summary
 from muvla.experiment.config import ExperimentConfig
@@ -77,28 +84,12 @@ class ExperimentLayout:
 # ---------------------------------------------------------------------------------------------- split
 
 
-def _read_captions(path: Path) -> dict[str, Any]:
+def _read_captions(path: Path) -> CaptionsFile:
+    """A captions file of the experiment (its images list is needed to split them); unusable: ConfigError."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"experiment: {path} is not a readable COCO captions JSON ({err})") from err
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list) \
-            or not isinstance(data.get("images"), list):
-        raise ConfigError(f"experiment: {path} is not a COCO captions JSON (needs 'images' and 'annotations')")
-    return data
-
-
-def _subset(data: dict[str, Any], stems: set[str], per_image: int | None = None) -> dict[str, Any]:
-    """The captions JSON restricted to images whose file stem is in ``stems`` (optionally the first
-    ``per_image`` captions of each)."""
-    images = [im for im in data["images"] if Path(str(im["file_name"])).stem in stems]
-    ids = {im["id"] for im in images}
-    anns, count = [], {}
-    for ann in data["annotations"]:
-        if ann.get("image_id") in ids and (per_image is None or count.get(ann["image_id"], 0) < per_image):
-            count[ann["image_id"]] = count.get(ann["image_id"], 0) + 1
-            anns.append(ann)
-    return {"images": images, "annotations": anns}
+        return read_captions_file(path, require_images=True)
+    except CaptionsFileError as err:
+        raise ConfigError(f"experiment: {err}") from err
 
 
 def make_split(cfg: ExperimentConfig, layout: ExperimentLayout) -> dict[str, Any]:
@@ -135,7 +126,7 @@ SPLIT_SETTINGS = tuple(f.name for f in dataclasses.fields(SplitRecord))
 
 def _split(cfg: ExperimentConfig, layout: ExperimentLayout, files: dict[str, Path]) -> dict[str, Any]:
     data = _read_captions(cfg.captions)
-    captioned = {Path(str(im["file_name"])).stem for im in data["images"]}
+    captioned = set(data.stems.values())
     stems = sorted(captioned & set(files))
     if len(stems) < 10:
         raise ConfigError(f"experiment: only {len(stems)} images of {cfg.images} have captions in {cfg.captions}")
@@ -155,8 +146,8 @@ def _split(cfg: ExperimentConfig, layout: ExperimentLayout, files: dict[str, Pat
             if not link.is_symlink():  # a resumed split keeps the links it made
                 os.symlink(files[stem].resolve(), link)
     for part in ("train", "probe_train"):
-        _write_json(layout.captions(part), _subset(data, set(split[part])))
-    _write_json(layout.captions("probe_test"), _subset(data, set(probe_test), ev.captions_per_image))
+        write_captions_file(layout.captions(part), data.subset(split[part]))
+    write_captions_file(layout.captions("probe_test"), data.subset(probe_test, ev.captions_per_image))
     if cfg.regions.coco_instances is not None:
         for part, members in (("train", set(train)), ("eval", set(probe_train) | set(probe_test))):
             _write_instances_subset(cfg, layout, part, members)
@@ -264,15 +255,12 @@ def corpus_quality(cfg: ExperimentConfig, layout: ExperimentLayout, corpora: dic
                            "distinct_sentences": int(len(set(topk.sentence_id.tolist())))}
     if cfg.text_setting != "cc":
         return out
-    data = _read_captions(layout.captions("train"))
-    stems = {im["id"]: Path(str(im["file_name"])).stem for im in data["images"]}
-    own: dict[str, set[str]] = {}
-    for ann in data["annotations"]:
-        own.setdefault(stems.get(ann["image_id"], ""), set()).add(" ".join(str(ann["caption"]).split()))
+    own = {stem: {caption_key(t) for t in texts}
+           for stem, texts in _read_captions(layout.captions("train")).texts_by_stem().items()}
     texts = TextOutput(corpus.text.root).texts(topk.sentence_id.tolist())
     hit_any = hit_first = 0
     for image, ranked in pairs.items():
-        found = [texts[sid] in own.get(image, set()) for _, sid in ranked]
+        found = [caption_key(texts[sid]) in own.get(image, set()) for _, sid in ranked]
         hit_any += any(found)
         hit_first += bool(found and found[0])
     out.update(own_caption_at_1=hit_first / max(len(pairs), 1), own_caption_at_k=hit_any / max(len(pairs), 1),

@@ -22,6 +22,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from muvla.corpus.captions import read_captions_file
+
 # The 80 COCO detection classes in the contiguous order detectors trained on COCO output them.
 COCO80_NAMES: tuple[str, ...] = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -204,10 +206,9 @@ def load_tag_words(path: Path | None) -> dict[str, str] | None:
 
 def _read_captions(path: Path) -> list[str]:
     """Captions from a COCO captions JSON or a plain text file (one caption per line)."""
-    text = Path(path).read_text(encoding="utf-8")
     if path.suffix == ".json":
-        return [str(a["caption"]) for a in json.loads(text)["annotations"]]
-    return [line for line in text.splitlines() if line.strip()]
+        return [c.text for c in read_captions_file(path).captions() if c.text is not None]
+    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ sees), so a simulation only earns trust when it ranks query modes the way the re
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from muvla.corpus.captions import normalise_caption, read_captions_file
 from muvla.retrieval.queries import TaggedImage, pluralise
 
 # COCO-80 class -> nouns a caption uses for it (singular; plurals are derived). Chosen by reading
@@ -119,11 +119,6 @@ COUNT_WORDS = {"a": 1, "an": 1, "one": 1, "single": 1, "lone": 1, "two": 2, "pai
 _WORD = re.compile(r"[a-z]+|\d+")
 
 
-def normalise(text: str) -> str:
-    """Whitespace runs collapsed, as the text stage stores sentences (so captions match the pool)."""
-    return " ".join(text.split())
-
-
 @dataclass
 class DevSet:
     """Query images, the sentence pool they search, and per image which pool rows are its own captions.
@@ -215,27 +210,16 @@ def tags_from_captions(captions: list[str], lexicon: NounLexicon, rng: np.random
     return [tags[i] for i in rng.permutation(len(tags))]
 
 
-def _read_captions(captions_json: Path) -> tuple[dict[int, str], dict[int, list[str]]]:
-    """(COCO image id -> file stem, COCO image id -> its captions in file order)."""
-    data = json.loads(Path(captions_json).read_text(encoding="utf-8"))
-    stems = {int(im["id"]): Path(str(im["file_name"])).stem for im in data.get("images", [])}
-    captions: dict[int, list[str]] = {}
-    for ann in data["annotations"]:
-        text = normalise(str(ann.get("caption") or ""))
-        if text:
-            captions.setdefault(int(ann["image_id"]), []).append(text)
-    return stems, captions
-
-
 class SentencePool:
-    """De-duplicated sentences in insertion order (the text stage's rule: identical normalised text = one)."""
+    """De-duplicated sentences in insertion order (the text stage's rule: identical normalised text = one,
+    ``normalise_caption``, so captions match the pool as they match a sentence store)."""
 
     def __init__(self) -> None:
         self.sentences: list[str] = []
         self.row: dict[str, int] = {}
 
     def add(self, text: str) -> int:
-        text = normalise(text)
+        text = normalise_caption(text)
         if text not in self.row:
             self.row[text] = len(self.sentences)
             self.sentences.append(text)
@@ -244,7 +228,7 @@ class SentencePool:
 
 def pool_sentences(pool_json: Path) -> SentencePool:
     pool = SentencePool()
-    for texts in _read_captions(pool_json)[1].values():
+    for texts in read_captions_file(pool_json).texts_by_image().values():
         for text in texts:
             pool.add(text)
     return pool
@@ -253,11 +237,8 @@ def pool_sentences(pool_json: Path) -> SentencePool:
 def hidden_caption_devset(name: str, images: list[TaggedImage], captions_json: Path, pool_json: Path) -> DevSet:
     """Real images whose own captions (``captions_json``, matched by file stem) are hidden in the pool."""
     pool = pool_sentences(pool_json)
-    stems, captions = _read_captions(captions_json)
-    own: dict[str, list[int]] = {}
-    for image_id, texts in captions.items():
-        stem = stems.get(image_id, str(image_id))
-        own[stem] = sorted({pool.add(t) for t in texts})
+    own = {stem: sorted({pool.add(t) for t in texts})
+           for stem, texts in read_captions_file(captions_json).texts_by_stem().items()}
     kept = [im for im in images if own.get(im.image_id)]
     if not kept:
         raise ValueError(f"{name}: no image of the region store has a caption in {captions_json}")
@@ -277,8 +258,8 @@ def caption_simulation_devset(pool_json: Path, seed: int = 0, lexicon: NounLexic
     images: list[TaggedImage] = []
     relevant: list[np.ndarray] = []
     excluded: list[np.ndarray] = []
-    _, captions = _read_captions(pool_json)
-    for image_id in sorted(captions):
+    captions = read_captions_file(pool_json).texts_by_image()
+    for image_id in sorted(captions, key=lambda i: (isinstance(i, str), i)):  # COCO's int ids in number order
         texts = captions[image_id]
         if len(texts) < 5:
             continue

@@ -14,12 +14,12 @@ Ground-truth captions come from a COCO captions JSON and must be in the sentence
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from muvla.corpus.captions import CaptionsFileError, caption_key, read_captions_file
 from muvla.corpus.layout import RegionsOutput, RetrievalOutput, TextOutput, TopK
 from muvla.corpus.provenance import OutputPolicy, Step, StepResult, digest_file, run_step
 from muvla.retrieval.stage import DEFAULT_K
@@ -55,28 +55,21 @@ class PairsConfig(OutputPolicy):
             raise ConfigError(f"pairs: k must be >= 1, got {self.k}")
 
 
-def _normalise(text: str) -> str:
-    return " ".join(text.split()).lower()
-
-
 def caption_sentence_ids(captions_json: Path, text: TextOutput) -> dict[str, list[int]]:
-    """image id (file stem, as in the region store) -> sentence ids of its captions."""
-    n = text.count()
-    by_text = {_normalise(t): sid for sid, t in text.texts(range(n)).items()}
+    """image id (file stem, as in the region store) -> sentence ids of its captions, matched by
+    ``caption_key`` (spacing and case do not matter)."""
     try:
-        data = json.loads(Path(captions_json).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"pairs: {captions_json} is not a readable COCO captions JSON ({err})") from err
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise ConfigError(f"pairs: {captions_json} is not a COCO captions file (no 'annotations' list)")
-    stems = {img["id"]: Path(img["file_name"]).stem for img in data.get("images", [])
-             if isinstance(img, dict) and "id" in img and "file_name" in img}
+        captions = read_captions_file(captions_json)
+    except CaptionsFileError as err:
+        raise ConfigError(f"pairs: {err}") from err
+    n = text.count()
+    by_text = {caption_key(t): sid for sid, t in text.texts(range(n)).items()}
     out: dict[str, list[int]] = {}
-    for ann in data["annotations"]:
-        if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str) or "image_id" not in ann:
+    for caption in captions.captions():
+        if caption.image_id is None or caption.text is None:
             continue
-        sid = by_text.get(_normalise(ann["caption"]))
-        image = stems.get(ann["image_id"], str(ann["image_id"]))
+        sid = by_text.get(caption_key(caption.text))
+        image = captions.stem_of(caption.image_id)
         if sid is not None and sid not in out.setdefault(image, []):
             out[image].append(sid)
     return out

@@ -6,9 +6,9 @@ Names are matched case-insensitively, aliases included ('SNLI-VE' and 'vqav2' wo
 
 from __future__ import annotations
 
+from muvla.tasks.image_text_retrieval import RETRIEVAL
 from muvla.tasks.nlvr2 import NLVR2
 from muvla.tasks.refcoco import REFCOCO
-from muvla.tasks.retrieval import RETRIEVAL
 from muvla.tasks.snli_ve import SNLI_VE
 from muvla.tasks.spec import TaskSpec
 from muvla.tasks.vqa import VQA

@@ -20,15 +20,15 @@ annotation without a caption) is yielded with its ``problem`` so the stage recor
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from muvla.corpus.captions import CaptionsFileError, read_captions_file
+
 FORMATS = ("plain", "cc3m", "coco", "book")
 
-_WS = re.compile(r"\s+")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _GUTENBERG_START = re.compile(r"^\s*\*{3}\s*START OF", re.IGNORECASE)
 _GUTENBERG_END = re.compile(r"^\s*(\*{3}\s*END OF|End of (the )?Project Gutenberg)", re.IGNORECASE)
@@ -49,11 +49,6 @@ class RawItem:
     line: int
     bad_utf8: bool = False
     problem: str | None = None
-
-
-def normalise(text: str) -> str:
-    """Collapse all whitespace runs to one space and strip (dedupe key and stored text)."""
-    return _WS.sub(" ", text).strip()
 
 
 def has_bad_utf8(text: str) -> bool:
@@ -99,19 +94,15 @@ def read_cc3m(path: Path) -> Iterator[RawItem]:
 
 def read_coco(path: Path) -> Iterator[RawItem]:
     """COCO captions JSON: ``annotations[i].caption`` in file order (``line`` = annotation index)."""
-    raw = Path(path).read_bytes().decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
     try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise BadCorpusFile(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from err
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise BadCorpusFile(f"{path}: not a COCO captions file (no top-level 'annotations' list)")
-    for i, ann in enumerate(data["annotations"]):
-        caption = ann.get("caption") if isinstance(ann, dict) else None
-        if not isinstance(caption, str):
-            yield RawItem("", i, problem="annotation without a 'caption' string")
+        captions = read_captions_file(path, errors="surrogateescape")
+    except CaptionsFileError as err:
+        raise BadCorpusFile(str(err)) from err
+    for caption in captions.captions():
+        if caption.text is None:
+            yield RawItem("", caption.index, problem="annotation without a 'caption' string")
             continue
-        yield RawItem(caption, i, has_bad_utf8(caption))
+        yield RawItem(caption.text, caption.index, has_bad_utf8(caption.text))
 
 
 def _book_paragraphs(path: Path) -> Iterator[tuple[int, str, bool]]:

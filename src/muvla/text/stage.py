@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from muvla.corpus.captions import normalise_caption
 from muvla.corpus.layout import TextOutput
 from muvla.corpus.provenance import OutputPolicy, Step, StepResult, digest_file, run_step
 from muvla.text.readers import (
@@ -28,7 +29,6 @@ from muvla.text.readers import (
     BadCorpusFile,
     detect_format,
     fix_utf8,
-    normalise,
     parse_corpus_entry,
 )
 from muvla.utils.config import ConfigError, check_choices, output_settings, setting
@@ -125,7 +125,7 @@ class _Cleaner:
                 return None
             text = fix_utf8(text)
             counts["invalid_utf8_repaired"] += 1
-        text = normalise(text)
+        text = normalise_caption(text)  # the one normal form of every stored sentence
         if not text:
             counts["empty_dropped"] += 1
             return None

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from muvla.corpus.captions import normalise_caption, read_captions_file
 from muvla.corpus.regions import RegionStore
 from muvla.model import Model, ModelConfig
 from muvla.model.modeling import EncoderOutput
@@ -42,7 +43,6 @@ from muvla.tasks.files import (
     iter_lines,
     load_each,
     missing_field,
-    read_json,
 )
 from muvla.tasks.metrics import mean_recall_bootstrap, retrieval_recall
 from muvla.tasks.model import TaskHead, TaskModel
@@ -69,32 +69,31 @@ class CaptionExample:
 
 def load_coco_captions(path: str | Path, has_regions: HasRegions | None = None
                        ) -> tuple[list[CaptionExample], LoadReport]:
-    """COCO captions JSON; captions sorted by (image_id, caption id) for deterministic order."""
+    """COCO captions JSON; captions sorted by (image_id, caption id) for deterministic order.
+
+    Images are named by file stem (``muvla.corpus.captions``); a digit stem is read as the integer
+    COCO id (as the other formats do), so predictions name COCO images by their ids.
+    """
+    path = Path(path)
     report = LoadReport()
-    data = read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise ValueError(f"{path}: expected a COCO captions file with an 'annotations' list")
-    # Region stores name images by file stem; COCO's zero-padded stems also resolve from the int id,
-    # any other file name (e.g. "astronaut.png") must be mapped through the images list.
-    named = {img["id"]: Path(str(img["file_name"])).stem for img in data.get("images", [])
-             if isinstance(img, dict) and "id" in img and "file_name" in img
-             and not Path(str(img["file_name"])).stem.isdigit()}
+    captions = read_captions_file(path)
     examples: list[CaptionExample] = []
-    for i, ann in enumerate(data["annotations"]):
-        bad = missing_field(ann, ("image_id", "caption")) if isinstance(ann, dict) else "not an object"
-        if bad:
-            report.skip(path, i, f"malformed caption: {bad}")
+    for caption in captions.captions():
+        if caption.image_id is None or caption.text is None:
+            missing = "image_id" if caption.image_id is None else "caption"
+            report.skip(path, caption.index, f"malformed caption: missing field '{missing}'")
             continue
-        if ann["image_id"] in named:
-            ann = {**ann, "image_id": named[ann["image_id"]]}
-        caption = str(ann["caption"]).strip()
-        if not caption:
-            report.skip(path, i, "empty caption", f"image_id={ann['image_id']}")
+        stem = captions.stem_of(caption.image_id)
+        image_id: int | str = int(stem) if stem.isdigit() else stem
+        text = normalise_caption(caption.text)
+        if not text:
+            report.skip(path, caption.index, "empty caption", f"image_id={image_id}")
             continue
-        if has_regions is not None and not has_regions(ann["image_id"]):
-            report.skip(path, i, NO_REGIONS, f"image_id={ann['image_id']}")
+        if has_regions is not None and not has_regions(image_id):
+            report.skip(path, caption.index, NO_REGIONS, f"image_id={image_id}")
             continue
-        examples.append(CaptionExample(ann["image_id"], caption, int_or(ann.get("id"), i)))
+        caption_id = caption.caption_id if caption.caption_id is not None else caption.index
+        examples.append(CaptionExample(image_id, text, caption_id))
     examples.sort(key=lambda e: (str(e.image_id), e.caption_id))
     report.kept = len(examples)
     return examples, report
@@ -120,7 +119,7 @@ def _add_caption(examples: list[CaptionExample], report: LoadReport, path: Path,
     if not isinstance(caption, str):
         report.skip(path, lineno, "caption is not a string", f"image={image_id}")
         return
-    text = caption.strip()
+    text = normalise_caption(caption)
     if not text:
         report.skip(path, lineno, "empty caption", f"image={image_id}")
         return
