@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from muvla import encoders  # noqa: E402
-from muvla.corpus.regions import RegionStore  # noqa: E402
+from muvla.corpus.region_store import RegionStore  # noqa: E402
 from muvla.regions.proposals import box_iou  # noqa: E402
 from muvla.regions.tags import caption_word  # noqa: E402
 from muvla.retrieval.queries import QUERY_MODES, make_query  # noqa: E402

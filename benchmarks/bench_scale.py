@@ -145,7 +145,7 @@ def job_text(job: dict[str, Any]) -> dict[str, Any]:
 
 def job_pipeline_prep(job: dict[str, Any]) -> dict[str, Any]:
     """Text store and region store of N sentences / N images (not measured)."""
-    from muvla.corpus.regions import ImageRegions
+    from muvla.corpus.region_store import ImageRegions
     from muvla.corpus.synthetic import write_region_store
     from muvla.text.stage import TextConfig, run_text
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune_helpers import grid_boxes, tiny_model_dir, torch_threads, write_json, write_jsonl, write_store
-from muvla.corpus.regions import RegionStore
+from muvla.corpus.region_store import RegionStore
 from muvla.encoders import load_wordpiece_tokenizer
 from muvla.model import Model
 from muvla.tasks.batch import TaskCollator, has_regions_fn

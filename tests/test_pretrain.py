@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pretrain_fixtures
-from muvla.corpus.regions import ImageRegions, RegionPartWriter, merge_region_parts
+from muvla.corpus.region_store import ImageRegions, RegionPartWriter, merge_region_parts
 from muvla.corpus.synthetic import write_synthetic_corpus
 from muvla.encoders import load_wordpiece_tokenizer
 from muvla.model import Model, ModelConfig

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from muvla.corpus.layout import CorpusLayout
-from muvla.corpus.regions import ImageRegions
+from muvla.corpus.region_store import ImageRegions
 from muvla.pretraining.masking import mask_is, mask_rn, mask_rt, phrase_targets, sample_itm_negatives
 from muvla.utils.config import ConfigError
 

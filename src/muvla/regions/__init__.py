@@ -1,7 +1,7 @@
 """Regions stage (METHOD.md §1): per image, up to N boxes with tags, scores and features."""
 
-from muvla.corpus.regions import ImageRegions, RegionPartWriter, RegionStore, merge_region_parts
-from muvla.regions.detector import (
+from muvla.corpus.region_store import ImageRegions, RegionPartWriter, RegionStore, merge_region_parts
+from muvla.regions.backends import (
     ButdBackend,
     CocoInstancesBackend,
     CropFeaturizer,

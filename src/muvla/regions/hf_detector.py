@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from muvla.regions.detector import CropFeaturizer
+from muvla.regions.backends import CropFeaturizer
 from muvla.regions.object_regions import Detections, ObjectDetectorBackend, RegionSelection
 from muvla.regions.weights import WeightsError
 

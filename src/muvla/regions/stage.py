@@ -28,8 +28,8 @@ from muvla.corpus.provenance import (
     prepare_output,
     reused_summary,
 )
-from muvla.corpus.regions import ImageRegions, RegionPartWriter, merge_region_parts, read_rejected
-from muvla.regions.detector import (
+from muvla.corpus.region_store import ImageRegions, RegionPartWriter, merge_region_parts, read_rejected
+from muvla.regions.backends import (
     ButdBackend,
     CocoInstancesBackend,
     CropFeaturizer,
@@ -167,7 +167,7 @@ RegionBackend = DetectorBackend | CocoInstancesBackend | VinVLBackend | ButdBack
 
 def build_backend(cfg: RegionsConfig) -> RegionBackend:
     """The backend named by ``cfg.backend`` (the backbone is loaded only for image backends)."""
-    from muvla.regions.detectors import (  # imports the weights module
+    from muvla.regions.object_detectors import (  # imports the weights module
         build_detector_backend,
         resolve_auto_backend,
     )
@@ -285,7 +285,7 @@ def _run(cfg: RegionsConfig) -> dict:
     shard = cfg.shard_spec()
     cfg.check_inputs()
     if cfg.backend == "auto":  # record the backend actually used, so parts of two backends never mix
-        from muvla.regions.detectors import resolve_auto_backend
+        from muvla.regions.object_detectors import resolve_auto_backend
 
         cfg = dataclasses.replace(cfg, backend=resolve_auto_backend())
     backend = build_backend(cfg)

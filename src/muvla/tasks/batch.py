@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from muvla.corpus.regions import ImageRegions, RegionStore
+from muvla.corpus.region_store import ImageRegions, RegionStore
 from muvla.tasks.files import HasRegions
 
 # Text truncation (tokens incl. [CLS]/[SEP]) when neither a flag nor the fine-tuned model's task.json says.

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from muvla.corpus.layout import RegionsOutput
-from muvla.corpus.regions import RegionStore
+from muvla.corpus.region_store import RegionStore
 from muvla.tasks.batch import DEFAULT_MAX_TEXT_LEN, has_regions_fn
 from muvla.tasks.files import LoadReport
 from muvla.tasks.model import (

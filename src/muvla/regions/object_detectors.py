@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
-from muvla.regions.detector import CropFeaturizer
+from muvla.regions.backends import CropFeaturizer
 from muvla.regions.object_regions import ObjectDetectorBackend, RegionSelection
 from muvla.regions.tags import load_tag_words
 from muvla.regions.weights import FETCH_HINT, WeightsError, find_centernet, model_dir

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from muvla.corpus.regions import ImageRegions
+from muvla.corpus.region_store import ImageRegions
 from muvla.regions.efficientnet import EfficientNetLite0, imagenet_tags, load_lite0, preprocess
 from muvla.regions.images import RejectedImage, list_images, load_rgb
 from muvla.regions.proposals import ProposalConfig, box_area, nms, propose_boxes, whole_image_box
