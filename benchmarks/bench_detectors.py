@@ -1,7 +1,7 @@
 """Detector benchmark: tag and box quality against the COCO labels, own-caption retrieval, speed, memory.
 
     python benchmarks/bench_detectors.py [--data ../shared/data] [--out runs/bench_detectors]
-        [--backends detector centernet coco-instances] [--hf-model FOLDER_OR_NAME [--hf-vocabulary FILE]]
+        [--backends proposals centernet coco-instances] [--hf-model FOLDER_OR_NAME [--hf-vocabulary FILE]]
         [--datasets coco-mini flickr8k-750] [--threads 1] [--fresh]
 
 Per backend and image set, the regions stage runs in a child process (so peak memory and time are
@@ -232,7 +232,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_detectors")
-    parser.add_argument("--backends", nargs="+", default=["detector", "centernet", "coco-instances"])
+    parser.add_argument("--backends", nargs="+", default=["proposals", "centernet", "coco-instances"])
     parser.add_argument("--datasets", nargs="+", default=["coco-mini", "flickr8k-750"])
     parser.add_argument("--hf-model", default=None, help="also benchmark the transformers backend on this model")
     parser.add_argument("--hf-vocabulary", type=Path, default=None)

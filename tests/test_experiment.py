@@ -23,7 +23,7 @@ def tiny_experiment(tmp_path: Path, **extra) -> ExperimentConfig:
     values = {
         "out": tmp_path / "exp", "images": images, "captions": demo_eval_captions_path(),
         "pool": [demo_captions_path()], "models": ["joint_unaligned", "muvla"], "seeds": [0],
-        "regions": {"backend": "detector", "max_regions": 4, "max_proposals": 6, "crop_size": 64, "proposal_max_side": 48,
+        "regions": {"backend": "proposals", "max_regions": 4, "max_proposals": 6, "crop_size": 64, "proposal_max_side": 48,
                     "proposal_scales": [100.0], "unit_size": 4, "num_threads": 1, "progress": False},
         "retrieval": {"k": 2, "unit_size": 128},
         "pretrain": {"init": "random", "model": TINY_MODEL, "max_steps": 3, "batch_size": 4, "lr": 1e-3,

@@ -5,8 +5,8 @@ from muvla.regions.backends import (
     ButdBackend,
     CocoInstancesBackend,
     CropFeaturizer,
-    DetectorBackend,
     InputItem,
+    ProposalsBackend,
     VinVLBackend,
 )
 from muvla.regions.efficientnet import (
@@ -27,11 +27,11 @@ __all__ = [
     "ButdBackend",
     "CocoInstancesBackend",
     "CropFeaturizer",
-    "DetectorBackend",
     "EfficientNetLite0",
     "ImageRegions",
     "InputItem",
     "ProposalConfig",
+    "ProposalsBackend",
     "RegionPartWriter",
     "RegionStore",
     "RegionsConfig",

@@ -33,8 +33,8 @@ from muvla.regions.backends import (
     ButdBackend,
     CocoInstancesBackend,
     CropFeaturizer,
-    DetectorBackend,
     InputItem,
+    ProposalsBackend,
     VinVLBackend,
 )
 from muvla.regions.images import RejectedImage
@@ -44,8 +44,9 @@ from muvla.utils.config import ConfigError, check_choices, output_settings, save
 from muvla.utils.progress import progress
 from muvla.utils.shards import UnitPlan, atomic_file, clean_stale_tmp, unit_ranges
 
-BACKENDS = ("detector", "coco-instances", "vinvl-tsv", "butd-tsv", "centernet", "transformers", "auto")
-IMAGE_BACKENDS = ("detector", "coco-instances", "centernet", "transformers", "auto")
+BACKENDS = ("proposals", "coco-instances", "vinvl-tsv", "butd-tsv", "centernet", "transformers", "auto")
+IMAGE_BACKENDS = ("proposals", "coco-instances", "centernet", "transformers", "auto")
+BACKEND_ALIASES = {"detector": "proposals"}  # the old name of the proposals backend (it detects nothing)
 INPUT_FIELDS = ("images", "coco_instances", "vinvl_features", "vinvl_predictions", "butd_tsv", "weights",
                 "vocabulary", "tag_words")
 
@@ -54,12 +55,13 @@ INPUT_FIELDS = ("images", "coco_instances", "vinvl_features", "vinvl_predictions
 class RegionsSettings:
     """What the regions stage computes and from which inputs (see docs/DESIGN.md "regions")."""
 
-    backend: str = setting("auto", choices=BACKENDS,
-                           help="detector: offline proposals + ImageNet tags; centernet: offline COCO-80 detector "
-                                "(fetched weights); transformers: any HuggingFace detector; auto: centernet when "
-                                "its weights are cached, else detector; coco-instances: ground-truth COCO "
-                                "boxes (oracle); vinvl-tsv / butd-tsv: precomputed detector features")
-    images: Path | None = setting(None, help="folder of image files (detector and coco-instances backends)")
+    backend: str = setting("auto", choices=BACKENDS, aliases=BACKEND_ALIASES,
+                           help="proposals: offline proposals + ImageNet tags ('detector' is its deprecated "
+                                "name); centernet: offline COCO-80 detector (fetched weights); transformers: any "
+                                "HuggingFace detector; auto: centernet when its weights are cached, else "
+                                "proposals; coco-instances: ground-truth COCO boxes (oracle); vinvl-tsv / "
+                                "butd-tsv: precomputed detector features")
+    images: Path | None = setting(None, help="folder of image files (image backends)")
     coco_instances: Path | None = setting(None, help="COCO instances JSON (coco-instances backend)")
     vinvl_features: Path | None = setting(None, help="VinVL features.tsv (vinvl-tsv backend)")
     vinvl_predictions: Path | None = setting(None, help="VinVL predictions.tsv (vinvl-tsv backend)")
@@ -70,11 +72,11 @@ class RegionsSettings:
     crop_size: int | None = setting(None, help="side of the square crop fed to the feature backbone, in pixels "
                                                "(default: 224; 128 for centernet/transformers)")
     unit_size: int = setting(64, help="inputs per work unit (one resumable part folder each)")
-    store_class_probs: bool = setting(False, help="also store each region's class distribution (detector backend)")
+    store_class_probs: bool = setting(False, help="also store each region's class distribution (proposals backend)")
     proposal_max_side: int = setting(128, help="longest image side when computing felzenszwalb proposals")
     proposal_scales: tuple[float, ...] = setting((400.0, 150.0, 50.0),
                                                  help="felzenszwalb scales of the proposals, coarse to fine")
-    max_proposals: int = setting(48, help="crops classified per image by the detector backend")
+    max_proposals: int = setting(48, help="crops classified per image by the proposals backend")
     weights: Path | None = setting(None, help="EfficientNet-Lite0 weights file (default: the installed package's)")
     min_score: float = setting(0.15, help="centernet/transformers: detections scored below this are not stored")
     detector_weights: Path | None = setting(None, help="centernet: folder with centernet.json/.bin "
@@ -94,7 +96,7 @@ class RegionsSettings:
     def validate(self) -> None:
         check_choices(self, "regions")
         needed = {
-            "detector": ("images",),
+            "proposals": ("images",),
             "coco-instances": ("images", "coco_instances"),
             "vinvl-tsv": ("vinvl_features", "vinvl_predictions"),
             "butd-tsv": ("butd_tsv",),
@@ -125,13 +127,13 @@ class RegionsSettings:
             raise ConfigError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.unit_size < 1:
             raise ConfigError(f"unit_size must be >= 1, got {self.unit_size}")
-        if self.store_class_probs and self.backend != "detector":
-            raise ConfigError("store_class_probs is only available with the 'detector' backend")
+        if self.store_class_probs and self.backend != "proposals":
+            raise ConfigError("store_class_probs is only available with the 'proposals' backend")
         if self.proposal_max_side < 8:
             raise ConfigError(f"proposal_max_side must be >= 8, got {self.proposal_max_side}")
         if not self.proposal_scales or any(s <= 0 for s in self.proposal_scales):
             raise ConfigError(f"proposal_scales must be positive numbers, got {self.proposal_scales}")
-        if self.max_proposals < self.max_regions and self.backend == "detector":
+        if self.max_proposals < self.max_regions and self.backend == "proposals":
             raise ConfigError(f"max_proposals ({self.max_proposals}) must be >= max_regions ({self.max_regions})")
 
     def check_inputs(self) -> None:
@@ -162,7 +164,7 @@ class RegionsConfig(RegionsSettings, StageRun):
         self.shard_spec()
 
 
-RegionBackend = DetectorBackend | CocoInstancesBackend | VinVLBackend | ButdBackend | ObjectDetectorBackend
+RegionBackend = ProposalsBackend | CocoInstancesBackend | VinVLBackend | ButdBackend | ObjectDetectorBackend
 
 
 def build_backend(cfg: RegionsConfig) -> RegionBackend:
@@ -183,9 +185,9 @@ def build_backend(cfg: RegionsConfig) -> RegionBackend:
         featurizer = CropFeaturizer(load_lite0(cfg.weights), crop_size=crop_size, batch_size=cfg.batch_size)
         if cfg.backend in ("centernet", "transformers"):
             return build_detector_backend(cfg, featurizer)
-        if cfg.backend == "detector":
-            return DetectorBackend(cfg.images, max_regions=cfg.max_regions, nms_iou=cfg.nms_iou,
-                                   proposals=cfg.proposal_config(), featurizer=featurizer)
+        if cfg.backend == "proposals":
+            return ProposalsBackend(cfg.images, max_regions=cfg.max_regions, nms_iou=cfg.nms_iou,
+                                    proposals=cfg.proposal_config(), featurizer=featurizer)
         if not Path(cfg.coco_instances).is_file():
             raise ConfigError(f"COCO instances JSON not found: {cfg.coco_instances}")
         return CocoInstancesBackend(cfg.images, cfg.coco_instances, max_regions=cfg.max_regions,
