@@ -11,6 +11,7 @@ import pytest
 from muvla.corpus.layout import CorpusLayout
 from muvla.demo import demo_captions_path, demo_eval_captions_path, write_sample_images
 from muvla.experiment import ExperimentConfig, describe, run_experiment
+from muvla.experiment.config import EvaluationSettings
 from muvla.experiment.run import ExperimentLayout
 from muvla.utils.config import ConfigError, load_config
 
@@ -79,6 +80,8 @@ def test_experiment_settings_are_checked_first(tmp_path: Path) -> None:
         tiny_experiment(tmp_path, pretrain={"mode": "base"})
     with pytest.raises(ConfigError, match="text setting bc needs a text corpus"):
         tiny_experiment(tmp_path, text_setting="bc", pool=[])
+    with pytest.raises(ConfigError, match=r"^evaluation.max_text_len must be >= 3 \(\[CLS\] \+ a token"):
+        EvaluationSettings(max_text_len=2).validate()
 
 
 @pytest.mark.shared_data

@@ -162,6 +162,6 @@ def test_zero_shot_retrieval_builds_regions_on_the_fly(tmp_path: Path) -> None:
             (images / im["file_name"]).symlink_to(SHARED_DATA / "coco-mini" / "images" / im["file_name"])
     res = run_evaluate(EvaluateConfig(out=tmp_path / "zs", task="retrieval", model="default", images=images,
                                       captions=SHARED_DATA / "coco-mini" / "captions_train2017.json",
-                                      device="cpu", torch_threads=1))
+                                      device="cpu", num_threads=1))
     assert (tmp_path / "zs" / "regions" / "index.parquet").is_file()
     assert res["metrics"]["n_images"] == 3 and res["metrics"]["n_captions"] == 15

@@ -304,6 +304,7 @@ def test_round_robin_alternates_text_and_image_batches(tiny_corpus, tok):
     ({"model": {"hidden": 3}}, "unknown model field"),
     ({"corpus": None}, "needs --corpus"),
     ({"batch_size": 0}, "batch_size"),
+    ({"max_text_len": 2}, r"^pretrain: max_text_len must be >= 3 \(\[CLS\] \+ a token \+ \[SEP\]\), got 2$"),
 ])
 def test_config_validation(tmp_path, tiny_corpus, bad, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from muvla.corpus.layout import RegionsOutput
 from muvla.corpus.provenance import (
     BuildRecord,
@@ -41,6 +39,7 @@ from muvla.regions.images import RejectedImage
 from muvla.regions.object_regions import ObjectDetectorBackend
 from muvla.regions.proposals import ProposalConfig
 from muvla.utils.config import ConfigError, check_choices, output_settings, save_config, setting
+from muvla.utils.device import NUM_THREADS_HELP, check_num_threads, torch_num_threads
 from muvla.utils.progress import progress
 from muvla.utils.shards import UnitPlan, atomic_file, clean_stale_tmp, unit_ranges
 
@@ -89,8 +88,7 @@ class RegionsSettings:
                                        runtime=True)
     device: str = setting("auto", help="transformers: auto (GPU when present), cpu or cuda[:i]", runtime=True)
     batch_size: int = setting(32, help="crops per backbone forward pass", runtime=True)
-    num_threads: int | None = setting(None, help="torch CPU threads for this run (default: torch's choice)",
-                                      runtime=True)
+    num_threads: int | None = setting(None, help=NUM_THREADS_HELP, runtime=True)
     progress: bool = setting(True, help="show a progress bar", runtime=True)
 
     def validate(self) -> None:
@@ -123,8 +121,7 @@ class RegionsSettings:
             raise ConfigError(f"detector_batch_size must be >= 1, got {self.detector_batch_size}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ConfigError(f"num_threads must be >= 1, got {self.num_threads}")
+        check_num_threads(self.num_threads)
         if self.unit_size < 1:
             raise ConfigError(f"unit_size must be >= 1, got {self.unit_size}")
         if self.store_class_probs and self.backend != "proposals":
@@ -270,16 +267,8 @@ def _merged_summary(out: Path, n_inputs: int, n_parts: int, stats: dict[str, int
 def run_regions(cfg: RegionsConfig) -> dict:
     """Run (or resume) the regions stage for this process's shard; merge when every part exists."""
     cfg.validate()
-    if cfg.num_threads is None:
+    with torch_num_threads(cfg.num_threads):
         return _run(cfg)
-    # Oversubscribed CPUs make torch's thread pool spin (measured 10x slower on a busy 2-core box),
-    # so the thread count is configurable; restore it afterwards, it is process-global.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(cfg.num_threads)
-    try:
-        return _run(cfg)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run(cfg: RegionsConfig) -> dict:

@@ -33,7 +33,8 @@ from muvla.tasks.results import write_results
 from muvla.tasks.spec import DataOptions, EvalOptions, ReadOptions, TaskSpec
 from muvla.tasks.vocab import AnswerVocab
 from muvla.training import TrainConfig, Trainer, TrainerSettings
-from muvla.utils.config import ConfigError, save_config, setting
+from muvla.utils.config import ConfigError, check_max_text_len, save_config, setting
+from muvla.utils.device import NUM_THREADS_HELP, check_num_threads, torch_num_threads
 from muvla.utils.shards import atomic_file
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class FinetuneConfig(TrainerSettings):
     eval_batch_size: int = setting(32, help="rows per batch when scoring the validation files", runtime=True)
     max_val_images: int = setting(0, help="retrieval validation: first N images (0 = all)")
     model_name: str = setting("muvla", help="row name of this model in results.json and the Meta-Ave table")
-    torch_threads: int = setting(0, help="intra-op CPU threads; 0 = torch's default", runtime=True)
+    num_threads: int | None = setting(None, help=NUM_THREADS_HELP, runtime=True)
 
     def validate(self) -> None:
         spec = get_task(self.task)
@@ -80,15 +81,15 @@ class FinetuneConfig(TrainerSettings):
         spec.check_files(self.train, "train", labelled=True)
         if self.val:
             spec.check_files(self.val, "val", labelled=True)
-        for name in ("max_text_len", "eval_batch_size", "n_negatives", "answer_min_count"):
+        check_max_text_len(self.max_text_len)
+        for name in ("eval_batch_size", "n_negatives", "answer_min_count"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.head_dropout < 1:
             raise ConfigError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
         if self.max_val_images < 0:
             raise ConfigError("max_val_images must be >= 0 (0 = all)")
-        if self.torch_threads < 0:
-            raise ConfigError(f"torch_threads must be >= 0 (0 = torch default), got {self.torch_threads}")
+        check_num_threads(self.num_threads)
         self.train_config().validate()
 
     def train_config(self) -> TrainConfig:
@@ -152,12 +153,15 @@ def _train(cfg: FinetuneConfig, spec: TaskSpec, examples: list[Any], store: Regi
 
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.task``; save the task model; evaluate on ``cfg.val``."""
+    cfg.validate()
+    with torch_num_threads(cfg.num_threads):
+        return _finetune(cfg)
+
+
+def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from muvla.encoders import load_wordpiece_tokenizer
 
-    cfg.validate()
     spec = get_task(cfg.task)
-    if cfg.torch_threads > 0:
-        torch.set_num_threads(cfg.torch_threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     RegionsOutput(Path(cfg.regions)).digest()  # a finished regions output, unchanged since (one line if not)

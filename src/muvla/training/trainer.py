@@ -45,7 +45,6 @@ from muvla.training.checkpoint import (
     write_checkpoint,
 )
 from muvla.training.distributed import (
-    DEVICES,
     DistInfo,
     all_gather_object,
     all_reduce_sum,
@@ -56,6 +55,7 @@ from muvla.training.distributed import (
 from muvla.training.optim import linear_warmup_decay, param_groups, resolve_precision
 from muvla.training.sampler import BatchKey, KeyedBatches, ResumableDistributedSampler, passthrough
 from muvla.utils.config import ConfigError, check_choices, setting, to_dict
+from muvla.utils.device import DEVICES
 from muvla.utils.progress import progress
 from muvla.utils.shards import atomic_file, clean_stale_tmp
 

@@ -152,6 +152,16 @@ def check_choices(obj: Any, where: str = "") -> None:
         _check_choices(value, field_choices(f), prefix + f.name)
 
 
+MIN_TEXT_LEN = 3  # [CLS] + one token + [SEP]
+
+
+def check_max_text_len(value: int | None, name: str = "max_text_len") -> None:
+    """The one ``max_text_len`` rule, for every config and collator that truncates text (None = decided
+    later): the collators need room for [CLS], one token and [SEP]."""
+    if value is not None and value < MIN_TEXT_LEN:
+        raise ConfigError(f"{name} must be >= {MIN_TEXT_LEN} ([CLS] + a token + [SEP]), got {value}")
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "", validate: bool = True) -> T:
     """Build dataclass ``cls`` from a dict: unknown keys and bad values are one-line errors.
 
