@@ -264,10 +264,6 @@ class PretrainDataset(Dataset):
         if len(corpus) == 0:
             raise ValueError(f"no usable image in the corpus (skipped: {dict(corpus.skipped)})")
         self.corpus = corpus
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.corpus)

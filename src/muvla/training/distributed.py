@@ -83,14 +83,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (in place, also returned) so every rank logs the same number."""
-    if is_dist():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= dist.get_world_size()
-    return tensor
-
-
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's ``obj`` in rank order (a list of one on a single process)."""
     if not is_dist():
