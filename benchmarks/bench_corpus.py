@@ -3,7 +3,7 @@
     python benchmarks/bench_corpus.py [--data ../shared/data] [--out runs/bench_corpus]
         [--flickr-regions DIR] [--coco-detector-regions DIR] [--quality-only]
 
-Throughput: regions (images/s, detector and coco-instances backends), sentence encoding
+Throughput: regions (images/s, proposals and coco-instances backends), sentence encoding
 (sentences/s), retrieval (queries/s), phrases (images/s). Peak memory is the process's resident
 peak (ru_maxrss) after each stage, so it only grows.
 
@@ -11,7 +11,7 @@ Quality (needs ../shared/data): own-caption recall@1/5/10 of every ranking (quer
 correction) with 95% bootstrap intervals, and the paired-bootstrap difference to the reference
 recipe (official, no correction), on development sets whose own captions hide in the 24,219-caption
 COCO val2017 pool:
-(a) the 80 coco-mini images with oracle tags (coco-instances) and with the bundled detector's tags;
+(a) the 80 coco-mini images with oracle tags (coco-instances) and with the proposals backend's tags;
 (b) the caption simulation: ~4,700 pool images, tags from four of their captions, the fifth to find,
     split in a selection half and a confirmation half (choose on one, report the other);
 (c) flickr8k-750 (and coco-mini) with a real detector's tags, when ``--flickr-regions`` /
@@ -204,10 +204,10 @@ def main() -> None:
     backends = {
         "oracle": RegionsConfig(out=args.out / "regions_oracle", backend="coco-instances", images=images,
                                 coco_instances=coco / "instances_train2017.json"),
-        "detector": RegionsConfig(out=args.out / "regions_detector", backend="detector", images=images),
+        "proposals": RegionsConfig(out=args.out / "regions_proposals", backend="proposals", images=images),
     }
     if args.quality_only:
-        del backends["detector"]
+        del backends["proposals"]
     for name, cfg in backends.items():
         fresh = not (Path(cfg.out) / "index.parquet").exists()
         _, seconds = timed(f"regions ({name})", run_regions, cfg)

@@ -1,7 +1,7 @@
 """Detector benchmark: tag and box quality against the COCO labels, own-caption retrieval, speed, memory.
 
     python benchmarks/bench_detectors.py [--data ../shared/data] [--out runs/bench_detectors]
-        [--backends detector centernet coco-instances] [--hf-model FOLDER_OR_NAME [--hf-vocabulary FILE]]
+        [--backends proposals centernet coco-instances] [--hf-model FOLDER_OR_NAME [--hf-vocabulary FILE]]
         [--datasets coco-mini flickr8k-750] [--threads 1] [--fresh]
 
 Per backend and image set, the regions stage runs in a child process (so peak memory and time are
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from muvla import encoders  # noqa: E402
-from muvla.corpus.regions import RegionStore  # noqa: E402
+from muvla.corpus.region_store import RegionStore  # noqa: E402
 from muvla.regions.proposals import box_iou  # noqa: E402
 from muvla.regions.tags import caption_word  # noqa: E402
 from muvla.retrieval.queries import QUERY_MODES, make_query  # noqa: E402
@@ -232,7 +232,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_detectors")
-    parser.add_argument("--backends", nargs="+", default=["detector", "centernet", "coco-instances"])
+    parser.add_argument("--backends", nargs="+", default=["proposals", "centernet", "coco-instances"])
     parser.add_argument("--datasets", nargs="+", default=["coco-mini", "flickr8k-750"])
     parser.add_argument("--hf-model", default=None, help="also benchmark the transformers backend on this model")
     parser.add_argument("--hf-vocabulary", type=Path, default=None)

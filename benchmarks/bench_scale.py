@@ -145,7 +145,7 @@ def job_text(job: dict[str, Any]) -> dict[str, Any]:
 
 def job_pipeline_prep(job: dict[str, Any]) -> dict[str, Any]:
     """Text store and region store of N sentences / N images (not measured)."""
-    from muvla.corpus.regions import ImageRegions
+    from muvla.corpus.region_store import ImageRegions
     from muvla.corpus.synthetic import write_region_store
     from muvla.text.stage import TextConfig, run_text
 
@@ -482,7 +482,7 @@ def job_detector(job: dict[str, Any]) -> dict[str, Any]:
     summary = run_regions(RegionsConfig(out=work / "regions", images=images, progress=False, overwrite=True))
     seconds = time.perf_counter() - t0
     proposal_s = 0.0
-    if summary["backend"] == "detector":  # only the ImageNet fallback proposes boxes on the CPU
+    if summary["backend"] == "proposals":  # only the ImageNet fallback proposes boxes on the CPU
         cfg = RegionsConfig(out=work / "unused", images=images)
         t0 = time.perf_counter()
         for path in list_images(images):
@@ -582,7 +582,7 @@ def extrapolate(res: dict[str, Any]) -> list[dict[str, Any]]:
         share = d["proposal_share"]
         # proposals (fallback only) stay on CPU (x4 cores); the networks are assumed 50x faster on one GPU
         gpu_time = share / GPU_CPU_FACTOR + (1 - share) / 50.0
-        backend = d.get("backend", "detector")
+        backend = d.get("backend", "proposals")
         note = (f"proposals ({100 * share:.0f}% of the time) CPU x{GPU_CPU_FACTOR:g}; " if share else "") + \
             "detector + EfficientNet-Lite0 crops x50 on GPU (assumed)"
         rows.append({"stage": f"regions ({backend} backend, instead of vinvl-tsv)", "work": f"{CC3M_IMAGES:,} images",
@@ -689,7 +689,7 @@ def markdown(res: dict[str, Any]) -> str:
         out.append("")
     if res.get("detector"):
         d = res["detector"]
-        out += [f"{d.get('backend', 'detector')} backend: {fmt(d['images_per_s'], 2)} images/s on {d['images']} coco-mini photos "
+        out += [f"{d.get('backend', 'proposals')} backend: {fmt(d['images_per_s'], 2)} images/s on {d['images']} coco-mini photos "
                 f"(proposals {100 * d['proposal_share']:.0f}% of the time), peak RSS {fmt(d['peak_rss_mb'])} MB", ""]
     if res.get("index"):
         out += ["## FAISS index (d = 384, 1,000 queries, recall@5 against Flat)",

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from muvla.corpus.regions import ImageRegions
+from muvla.corpus.region_store import ImageRegions
 from muvla.corpus.synthetic import write_region_store
 from muvla.encoders import default_sbert_path
 from muvla.model import Model, ModelConfig

@@ -10,7 +10,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "muvla"
 STAGES = ("regions", "text", "retrieval", "phrases")  # the corpus stages
-FORMAT = ("corpus.layout", "corpus.provenance", "corpus.regions", "corpus.synthetic",  # the on-disk format
+FORMAT = ("corpus.layout", "corpus.provenance", "corpus.region_store", "corpus.synthetic",  # the on-disk format
           "corpus.captions")
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from muvla.regions import weights as weights_mod
-from muvla.regions.detectors import resolve_auto_backend
+from muvla.regions.object_detectors import resolve_auto_backend
 from muvla.regions.object_regions import (
     Detections,
     RegionSelection,
@@ -118,8 +118,8 @@ def test_fetch_from_the_real_package_files_verifies_and_records_provenance(tmp_p
 
 def test_auto_backend_falls_back_with_one_warning(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("MUVLA_CACHE", str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="muvla.regions.detectors"):
-        assert resolve_auto_backend() == "detector"
+    with caplog.at_level(logging.WARNING, logger="muvla.regions.object_detectors"):
+        assert resolve_auto_backend() == "proposals"
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "python -m muvla.regions.weights" in lines[0] and str(tmp_path) in lines[0]
 
@@ -220,7 +220,7 @@ def few_coco_images(tmp_path_factory):
 @needs_weights
 @pytest.mark.slow
 def test_centernet_stage_regions_tags_and_resume(few_coco_images, tmp_path):
-    from muvla.corpus.regions import RegionStore
+    from muvla.corpus.region_store import RegionStore
 
     cfg = dict(backend="centernet", images=few_coco_images, max_regions=8, min_score=0.3, num_threads=1,
                progress=False, unit_size=2)

@@ -122,7 +122,7 @@ def test_malformed_yaml_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_a_non_json_captions_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import numpy as np
 
-    from muvla.corpus.regions import ImageRegions
+    from muvla.corpus.region_store import ImageRegions
     from muvla.corpus.synthetic import write_region_store
 
     store = write_region_store(tmp_path / "regions", [ImageRegions(

@@ -18,6 +18,7 @@ from muvla.corpus.build import CorpusConfig, run_corpus
 from muvla.regions.stage import RegionsSettings
 from muvla.retrieval.stage import RetrievalSettings
 from muvla.text.stage import TextSettings
+from muvla.utils.config import from_dict, read_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,7 @@ SENTENCES = [
 ]
 
 # Tiny settings so the whole pipeline runs in seconds; unit_size 1 gives many resumable units.
-TINY = {"regions": {"backend": "detector", "max_regions": 4, "unit_size": 1, "batch_size": 8, "max_proposals": 8},
+TINY = {"regions": {"backend": "proposals", "max_regions": 4, "unit_size": 1, "batch_size": 8, "max_proposals": 8},
         "retrieval": {"unit_size": 4, "k": 3, "query_mode": "counted"}}
 
 
@@ -122,6 +123,13 @@ def test_rerun_is_a_no_op_with_identical_outputs(reference_run: tuple[Path, dict
     assert all(stage.get("reused") for stage in result["stages"].values())
     after = {p: p.stat().st_mtime_ns for p in (out / "regions" / "parts").rglob("*.npy")}
     assert before == after  # finished units were skipped, not recomputed
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "corpus").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_corpus_configs_name_only_known_settings(path: Path) -> None:
+    """Every key of a shipped config is a setting of its section, with an allowed value (inputs aside)."""
+    cfg = from_dict(CorpusConfig, {**read_yaml(path), "out": "runs/x"}, validate=False)
+    assert cfg.regions.backend != "auto" and cfg.retrieval.k == 5
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import pytest
 from muvla.corpus.layout import CorpusLayout
 from muvla.demo import demo_captions_path, demo_eval_captions_path, write_sample_images
 from muvla.experiment import ExperimentConfig, describe, run_experiment
+from muvla.experiment.config import EvaluationSettings
 from muvla.experiment.run import ExperimentLayout
 from muvla.utils.config import ConfigError, load_config
 
@@ -23,7 +24,7 @@ def tiny_experiment(tmp_path: Path, **extra) -> ExperimentConfig:
     values = {
         "out": tmp_path / "exp", "images": images, "captions": demo_eval_captions_path(),
         "pool": [demo_captions_path()], "models": ["joint_unaligned", "muvla"], "seeds": [0],
-        "regions": {"backend": "detector", "max_regions": 4, "max_proposals": 6, "crop_size": 64, "proposal_max_side": 48,
+        "regions": {"backend": "proposals", "max_regions": 4, "max_proposals": 6, "crop_size": 64, "proposal_max_side": 48,
                     "proposal_scales": [100.0], "unit_size": 4, "num_threads": 1, "progress": False},
         "retrieval": {"k": 2, "unit_size": 128},
         "pretrain": {"init": "random", "model": TINY_MODEL, "max_steps": 3, "batch_size": 4, "lr": 1e-3,
@@ -99,6 +100,8 @@ def test_experiment_settings_are_checked_first(tmp_path: Path) -> None:
         tiny_experiment(tmp_path, pretrain={"mode": "base"})
     with pytest.raises(ConfigError, match="text setting bc needs a text corpus"):
         tiny_experiment(tmp_path, text_setting="bc", pool=[])
+    with pytest.raises(ConfigError, match=r"^evaluation.max_text_len must be >= 3 \(\[CLS\] \+ a token"):
+        EvaluationSettings(max_text_len=2).validate()
 
 
 @pytest.mark.shared_data

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune_helpers import grid_boxes, tiny_model_dir, torch_threads, write_json, write_jsonl, write_store
-from muvla.corpus.regions import RegionStore
+from muvla.corpus.region_store import RegionStore
 from muvla.encoders import load_wordpiece_tokenizer
 from muvla.model import Model
 from muvla.tasks.batch import TaskCollator, has_regions_fn
@@ -30,6 +30,7 @@ from muvla.tasks.table import collect_results
 from muvla.tasks.vocab import AnswerVocab
 from muvla.tasks.vqa import VQADataset, VQAExample
 from muvla.utils.config import ConfigError, load_config
+from muvla.utils.device import torch_num_threads
 
 IMAGES = {str(i): {"boxes": grid_boxes(2 + i % 3)} for i in range(1, 7)}  # ids "1".."6", 2-4 regions
 ANSWERS = ["yes", "no", "2", "red"]
@@ -280,6 +281,31 @@ def test_config_errors_are_clear(env: dict, tmp_path: Path) -> None:
     empty = write_json(tmp_path / "q2.json", {"questions": [{"question_id": 1, "image_id": 777, "question": "x"}]})
     with pytest.raises(ConfigError, match="no usable training example"):
         run_finetune(common(env, tmp_path / "none", task="vqa", train=[empty, a], answer_vocab=tmp_path / "ans2label.json"))
+
+
+def test_max_text_len_below_three_is_refused_with_one_line(env: dict, tmp_path: Path) -> None:
+    """[CLS] + a token + [SEP]: fine-tuning, evaluation and the collator apply the one rule."""
+    q, a, _ = vqa_files(tmp_path)
+    message = r"^max_text_len must be >= 3 \(\[CLS\] \+ a token \+ \[SEP\]\), got 2$"
+    with pytest.raises(ConfigError, match=message):
+        common(env, tmp_path, task="vqa", train=[q, a], max_text_len=2).validate()
+    with pytest.raises(ConfigError, match=message):
+        EvaluateConfig(out=tmp_path, task="vqa", data=[q, a], regions=env["regions"], max_text_len=2).validate()
+    with pytest.raises(ConfigError, match=message):
+        TaskCollator(env["tok"], max_text_len=2)
+    common(env, tmp_path, task="vqa", train=[q, a], max_text_len=3).validate()  # the smallest allowed
+
+
+def test_num_threads_is_one_setting_with_one_rule(env: dict, tmp_path: Path) -> None:
+    q, a, _ = vqa_files(tmp_path)
+    with pytest.raises(ConfigError, match=r"^num_threads must be >= 1 \(or unset for torch's default\), got 0$"):
+        common(env, tmp_path, task="vqa", train=[q, a], num_threads=0).validate()
+    with pytest.raises(ConfigError, match="num_threads must be >= 1"):
+        EvaluateConfig(out=tmp_path, task="vqa", data=[q, a], regions=env["regions"], num_threads=0).validate()
+    before = torch.get_num_threads()
+    with torch_num_threads(before + 1):  # how finetune, evaluate and regions apply it: restored afterwards
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
 
 
 def test_has_regions_callback(env: dict) -> None:

@@ -1,6 +1,6 @@
 """End-to-end fine-tuning + evaluation on the real downstream files in ../shared/data (skipped when
 absent): region stores are built once per session with the regions stage (coco-instances backend on
-8 coco-mini images, detector backend on the NLVR2 and SNLI-VE images), then each task fine-tunes a tiny
+8 coco-mini images, proposals backend on the NLVR2 and SNLI-VE images), then each task fine-tunes a tiny
 random model (1280-d region input) for 2 steps and is scored with the official metrics; zero-shot
 retrieval uses the MiniLM-initialised model."""
 
@@ -47,7 +47,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                   coco_instances=root / "instances_subset.json", max_regions=6, **small))
         for name, folder in (("nlvr2", SHARED_DATA / "nlvr2" / "images"),
                              ("snli", SHARED_DATA / "snli-ve" / "images")):
-            run_regions(RegionsConfig(out=root / name, backend="detector", images=folder, max_regions=4,
+            run_regions(RegionsConfig(out=root / name, backend="proposals", images=folder, max_regions=4,
                                       max_proposals=8, proposal_max_side=64, **small))
     tiny = tiny_model_dir(root / "tiny_model", feature_dim=1280)  # the detector's EfficientNet-Lite0 features
     return {"root": root, "tiny": str(tiny), "coco": root / "coco", "nlvr2": root / "nlvr2", "snli": root / "snli",
@@ -162,6 +162,6 @@ def test_zero_shot_retrieval_builds_regions_on_the_fly(tmp_path: Path) -> None:
             (images / im["file_name"]).symlink_to(SHARED_DATA / "coco-mini" / "images" / im["file_name"])
     res = run_evaluate(EvaluateConfig(out=tmp_path / "zs", task="retrieval", model="default", images=images,
                                       captions=SHARED_DATA / "coco-mini" / "captions_train2017.json",
-                                      device="cpu", torch_threads=1))
+                                      device="cpu", num_threads=1))
     assert (tmp_path / "zs" / "regions" / "index.parquet").is_file()
     assert res["metrics"]["n_images"] == 3 and res["metrics"]["n_captions"] == 15

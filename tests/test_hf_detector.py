@@ -177,7 +177,7 @@ def test_vocabulary_files(tmp_path):
 
 @pytest.mark.parametrize("which", ["yolos", "owl"])
 def test_regions_stage_with_a_transformers_detector(tiny_models, images, tmp_path, which):
-    from muvla.corpus.regions import RegionStore
+    from muvla.corpus.region_store import RegionStore
 
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("cat\ndining_table\ntv\n", encoding="utf-8")

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from muvla.corpus.layout import RegionsOutput, TextOutput, TopK
-from muvla.corpus.regions import ImageRegions
+from muvla.corpus.region_store import ImageRegions
 from muvla.corpus.synthetic import write_pairs, write_region_store, write_sentence_store
 from muvla.encoders import load_wordpiece_tokenizer
 from muvla.phrases import PhrasesConfig, extract_phrases, run_phrases, token_span

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pretrain_fixtures
-from muvla.corpus.regions import ImageRegions, RegionPartWriter, merge_region_parts
+from muvla.corpus.region_store import ImageRegions, RegionPartWriter, merge_region_parts
 from muvla.corpus.synthetic import write_synthetic_corpus
 from muvla.encoders import load_wordpiece_tokenizer
 from muvla.model import Model, ModelConfig
@@ -304,6 +304,7 @@ def test_round_robin_alternates_text_and_image_batches(tiny_corpus, tok):
     ({"model": {"hidden": 3}}, "unknown model field"),
     ({"corpus": None}, "needs --corpus"),
     ({"batch_size": 0}, "batch_size"),
+    ({"max_text_len": 2}, r"^pretrain: max_text_len must be >= 3 \(\[CLS\] \+ a token \+ \[SEP\]\), got 2$"),
 ])
 def test_config_validation(tmp_path, tiny_corpus, bad, msg):
     with pytest.raises(ConfigError, match=msg):

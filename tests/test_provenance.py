@@ -26,7 +26,7 @@ SENTENCES = ["A woman astronaut in a white space suit holds a flag.",
              "A rocket stands on the launch pad under a blue sky.",
              "Two dogs run on a sandy beach.", "A bowl of fruit with apples and bananas.",
              "A bus drives down a busy city street.", "A man reads a newspaper on a bench."]
-REGIONS = {"backend": "detector", "max_regions": 3, "max_proposals": 4, "crop_size": 64, "proposal_max_side": 48,
+REGIONS = {"backend": "proposals", "max_regions": 3, "max_proposals": 4, "crop_size": 64, "proposal_max_side": 48,
            "proposal_scales": (100.0,), "unit_size": 2, "num_threads": 1, "progress": False}
 
 

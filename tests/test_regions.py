@@ -18,9 +18,9 @@ from PIL import Image
 from muvla.regions import (
     ButdBackend,
     CropFeaturizer,
-    DetectorBackend,
     ImageRegions,
     ProposalConfig,
+    ProposalsBackend,
     RegionsConfig,
     RegionStore,
     RejectedImage,
@@ -38,11 +38,11 @@ from muvla.regions import (
     short_tag,
 )
 from muvla.regions.efficientnet import default_weights_path
-from muvla.utils.config import ConfigError
+from muvla.utils.config import ConfigError, load_config
 
 os.environ.setdefault("MUVLA_NO_PROGRESS", "1")
 # Small settings so every stage run takes a second or two on a busy CPU.
-FAST = {"backend": "detector", "max_regions": 4, "max_proposals": 6, "crop_size": 64, "proposal_max_side": 48,
+FAST = {"backend": "proposals", "max_regions": 4, "max_proposals": 6, "crop_size": 64, "proposal_max_side": 48,
         "proposal_scales": (100.0,), "batch_size": 8, "num_threads": 1}
 
 
@@ -204,7 +204,7 @@ def test_list_images_recursive_sorted(tmp_path):
     assert rels == ["1.jpeg", "a/3.jpg", "b/2.PNG"]
 
 
-# ---------------------------------------------------------------- detector backend
+# ---------------------------------------------------------------- proposals backend
 
 def _scene(seed: int, h: int = 72, w: int = 96) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -215,9 +215,9 @@ def _scene(seed: int, h: int = 72, w: int = 96) -> np.ndarray:
     return img
 
 
-def test_detector_is_deterministic(model, tmp_path):
-    backend = DetectorBackend(tmp_path, max_regions=4, proposals=ProposalConfig(max_side=48, max_proposals=6),
-                              featurizer=CropFeaturizer(model, crop_size=64))
+def test_proposals_backend_is_deterministic(model, tmp_path):
+    backend = ProposalsBackend(tmp_path, max_regions=4, proposals=ProposalConfig(max_side=48, max_proposals=6),
+                               featurizer=CropFeaturizer(model, crop_size=64))
     img = _scene(3)
     a = backend.detect(img)
     b = backend.detect(img)
@@ -336,6 +336,21 @@ def test_config_validation_and_settings_guard(tmp_path):
         run_regions(RegionsConfig(out=tmp_path / "out", images=images, **FAST))
     with pytest.raises(ConfigError, match="no inputs"):
         run_regions(RegionsConfig(out=tmp_path / "empty_out", images=tmp_path / "out" / "parts", **FAST))
+
+
+def test_old_backend_name_detector_is_read_as_proposals(tmp_path, caplog):
+    """Existing configs say ``backend: detector``: accepted, one warning line, and recorded as proposals."""
+    config = tmp_path / "regions.yaml"
+    config.write_text("backend: detector\n", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="muvla.utils.config"):
+        cfg = load_config(RegionsConfig, config, {"out": tmp_path / "out", "images": tmp_path})
+    assert cfg.backend == "proposals"
+    assert caplog.messages == ["backend: 'detector' is deprecated, it is now called 'proposals'"]
+    caplog.clear()
+    built = RegionsConfig(out=tmp_path / "out", images=tmp_path, backend="detector", store_class_probs=True)
+    with caplog.at_level("WARNING", logger="muvla.utils.config"):
+        built.validate()  # the Python API too: normalised before the backend's rules are checked
+    assert built.backend == "proposals" and len(caplog.messages) == 1
 
 
 # ---------------------------------------------------------------- precomputed features

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from muvla.corpus.regions import ImageRegions
+from muvla.corpus.region_store import ImageRegions
 from muvla.corpus.synthetic import write_region_store
 from muvla.retrieval import (
     RetrievalConfig,

@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
-from muvla.corpus.regions import ImageRegions, RegionPartWriter, merge_region_parts
+from muvla.corpus.region_store import ImageRegions, RegionPartWriter, merge_region_parts
 from muvla.retrieval.queries import TaggedImage, make_query, salient_query
 from muvla.retrieval.rerank import RankingConfig, rank_images, rank_sentences, read_tagged_images
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from muvla.corpus.layout import RegionsOutput
-from muvla.corpus.regions import ImageRegions
+from muvla.corpus.region_store import ImageRegions
 from muvla.corpus.synthetic import write_region_store
 from muvla.retrieval.rerank import read_tagged_images
 

@@ -148,18 +148,15 @@ def test_loss_falls_and_outputs(tmp_path):
     assert summary["steps"] == 40 and summary["final_loss"] == rows[-1]["loss"]
     assert (tmp_path / "training_curves.png").stat().st_size > 0
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    # 64 samples / 8 per batch = 8 batches an epoch: 40 steps span epochs 0..4, each announced once
-    assert trainer.model.epochs_seen == [0, 1, 2, 3, 4]
+    # 64 samples / 8 per batch = 8 batches an epoch: 40 steps span epochs 0..4
     assert rows[-1]["epoch"] == 5  # data position after step 40 = start of epoch 5
 
 
-def test_epochs_define_steps_and_callback(tmp_path):
-    seen = []
+def test_epochs_define_steps(tmp_path):
     trainer = Trainer(make_model(), ToyDataset(n=20), ToyCollate(),
-                      cfg_for(tmp_path, max_steps=0, epochs=2, batch_size=4, grad_accum=2), epoch_callback=seen.append)
+                      cfg_for(tmp_path, max_steps=0, epochs=2, batch_size=4, grad_accum=2))
     summary = trainer.train()
     assert trainer.total_steps == 5 and summary["steps"] == 5  # 2 epochs x 5 batches / 2 micro-steps
-    assert seen == [0, 1]
     idx = sum(trainer.model.seen_indices, [])
     assert sorted(idx) == sorted(list(range(20)) * 2)
 

@@ -53,13 +53,9 @@ class ToyRegressor(nn.Module):
                                  nn.Linear(hidden, 1))
         # a head the loss never touches, like a multi-task head idle in a step (DDP must be told)
         self.unused = nn.Linear(hidden, 3) if unused_head else None
-        self.epochs_seen: list[int] = []
         self.seen_indices: list[list[int]] = []
         self.calls = 0
         self.fail_at_call: int | None = None  # simulate a crash inside the forward pass
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epochs_seen.append(epoch)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         self.calls += 1

@@ -2,7 +2,7 @@
 
 A corpus folder holds one folder per stage::
 
-    <corpus>/regions/    RegionsOutput   index.parquet, classes.json, parts/part-XXXXX/*.npy (muvla.corpus.regions)
+    <corpus>/regions/    RegionsOutput   index.parquet, classes.json, parts/part-XXXXX/*.npy (muvla.corpus.region_store)
     <corpus>/text/       TextOutput      sentences.parquet
     <corpus>/retrieval/  RetrievalOutput topk.parquet, queries.parquet, embeddings/, index.faiss
     <corpus>/phrases/    PhrasesOutput   sentence_phrases.parquet, matches.parquet
@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from muvla.corpus.provenance import BuildRecord, finished_digest
-from muvla.corpus.regions import RegionStore
+from muvla.corpus.region_store import RegionStore
 from muvla.utils.config import ConfigError
 from muvla.utils.shards import atomic_file
 

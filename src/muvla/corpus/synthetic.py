@@ -33,7 +33,7 @@ from muvla.corpus.layout import (
     write_parquet,
 )
 from muvla.corpus.provenance import BuildRecord, finish_output
-from muvla.corpus.regions import ImageRegions, RegionPartWriter, merge_region_parts
+from muvla.corpus.region_store import ImageRegions, RegionPartWriter, merge_region_parts
 
 SYNTHETIC_CLASSES = ("dog", "cat", "car", "tree", "boat", "horse")
 SYNTHETIC_TEMPLATES = ("a {a} next to a {b}", "the {a} and the {b}", "a photo of a {a} with a {b}")

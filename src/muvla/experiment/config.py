@@ -13,7 +13,7 @@ from muvla.phrases.stage import PhrasesSettings
 from muvla.pretraining.run import PretrainConfig
 from muvla.regions.stage import RegionsSettings
 from muvla.retrieval.stage import RetrievalSettings
-from muvla.utils.config import ConfigError, check_choices, from_dict, setting
+from muvla.utils.config import ConfigError, check_choices, check_max_text_len, from_dict, setting
 
 TEXT_SETTINGS = ("cc", "bc")
 DEFAULT_MODELS = ("base", "joint_unaligned", "muvla", "aligned")
@@ -42,7 +42,8 @@ class EvaluationSettings:
             raise ConfigError(f"evaluation.held_out must be in (0, 1), got {self.held_out}")
         if not 0.0 <= self.probe_fraction < 1.0:
             raise ConfigError(f"evaluation.probe_fraction must be in [0, 1), got {self.probe_fraction}")
-        for name in ("max_images", "captions_per_image", "probe_batch_size", "max_text_len", "batch_size"):
+        check_max_text_len(self.max_text_len, "evaluation.max_text_len")
+        for name in ("max_images", "captions_per_image", "probe_batch_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"evaluation.{name} must be >= 1, got {getattr(self, name)}")
         if self.probe_steps < 0 or self.probe_lr <= 0:

@@ -57,7 +57,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     pad_token_id: int = 0
     region_feature_dim: int = 1280  # our EfficientNet-Lite0 region features; VinVL/BUTD are 2048
-    num_region_classes: int = 1000  # ImageNet classes of our detector; VinVL has 1,600
+    num_region_classes: int = 1000  # ImageNet classes of the proposals backend; VinVL has 1,600
 
     def validate(self) -> None:
         """Fail early with the field name instead of a shape error deep inside a matmul."""

@@ -27,9 +27,9 @@ import torch
 from torch.utils.data import Dataset
 
 from muvla.corpus.layout import CorpusLayout
-from muvla.corpus.regions import ImageRegions
+from muvla.corpus.region_store import ImageRegions
 from muvla.pretraining.masking import mask_is, mask_rn, mask_rt, phrase_targets, sample_itm_negatives
-from muvla.utils.config import ConfigError
+from muvla.utils.config import ConfigError, check_max_text_len
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +64,7 @@ class PretrainCorpus:
                  phrases_dir: str | Path | None = None, negatives: str = "corpus") -> None:
         if negatives not in ITM_NEGATIVES:
             raise ValueError(f"negatives must be one of {ITM_NEGATIVES}, got {negatives!r}")
-        if max_text_len < 3:
-            raise ValueError(f"max_text_len must be >= 3 ([CLS] + a token + [SEP]), got {max_text_len}")
+        check_max_text_len(max_text_len)
         if max_regions < 1:
             raise ValueError(f"max_regions must be >= 1, got {max_regions}")
         if k is not None and k < 1:
@@ -265,10 +264,6 @@ class PretrainDataset(Dataset):
         if len(corpus) == 0:
             raise ValueError(f"no usable image in the corpus (skipped: {dict(corpus.skipped)})")
         self.corpus = corpus
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.corpus)

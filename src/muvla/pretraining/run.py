@@ -38,7 +38,14 @@ from muvla.pretraining.data import ITM_NEGATIVES, PretrainCollator, PretrainCorp
 from muvla.pretraining.objectives import ITM_WEIGHTS, TASKS, TRAINING_MODES
 from muvla.training import SCHEDULE_SETTINGS, TrainConfig, Trainer, TrainerSettings
 from muvla.training.distributed import barrier, init_distributed
-from muvla.utils.config import ConfigError, check_choices, output_settings, setting, to_dict
+from muvla.utils.config import (
+    ConfigError,
+    check_choices,
+    check_max_text_len,
+    output_settings,
+    setting,
+    to_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +115,7 @@ class PretrainConfig(TrainerSettings, OutputPolicy):
             raise ConfigError(f"pretrain: itm_loss_scale must be > 0, got {self.itm_loss_scale}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ConfigError(f"pretrain: mask_prob must be in (0, 1), got {self.mask_prob}")
-        if self.max_text_len < 3:
-            raise ConfigError(f"pretrain: max_text_len must be >= 3, got {self.max_text_len}")
+        check_max_text_len(self.max_text_len, "pretrain: max_text_len")
         if self.max_regions < 1:
             raise ConfigError(f"pretrain: max_regions must be >= 1, got {self.max_regions}")
         if not isinstance(self.model, dict):

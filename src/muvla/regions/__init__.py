@@ -1,12 +1,12 @@
 """Regions stage (METHOD.md §1): per image, up to N boxes with tags, scores and features."""
 
-from muvla.corpus.regions import ImageRegions, RegionPartWriter, RegionStore, merge_region_parts
-from muvla.regions.detector import (
+from muvla.corpus.region_store import ImageRegions, RegionPartWriter, RegionStore, merge_region_parts
+from muvla.regions.backends import (
     ButdBackend,
     CocoInstancesBackend,
     CropFeaturizer,
-    DetectorBackend,
     InputItem,
+    ProposalsBackend,
     VinVLBackend,
 )
 from muvla.regions.efficientnet import (
@@ -27,11 +27,11 @@ __all__ = [
     "ButdBackend",
     "CocoInstancesBackend",
     "CropFeaturizer",
-    "DetectorBackend",
     "EfficientNetLite0",
     "ImageRegions",
     "InputItem",
     "ProposalConfig",
+    "ProposalsBackend",
     "RegionPartWriter",
     "RegionStore",
     "RegionsConfig",

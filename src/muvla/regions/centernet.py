@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from muvla.regions.detector import CropFeaturizer
+from muvla.regions.backends import CropFeaturizer
 from muvla.regions.object_regions import Detections, ObjectDetectorBackend, RegionSelection
 from muvla.regions.tags import COCO80_NAMES
 from muvla.regions.tfjs_graph import GraphError, TfjsGraph

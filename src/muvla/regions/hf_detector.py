@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from muvla.regions.detector import CropFeaturizer
+from muvla.regions.backends import CropFeaturizer
 from muvla.regions.object_regions import Detections, ObjectDetectorBackend, RegionSelection
 from muvla.regions.weights import WeightsError
+from muvla.utils.device import pick_device
 
 ZERO_SHOT_TYPES = ("owlvit", "owlv2", "grounding-dino", "mm-grounding-dino")
 GROUNDING_TYPES = ("grounding-dino", "mm-grounding-dino")
@@ -43,12 +44,6 @@ def read_vocabulary(path: Path | None) -> list[str]:
     if not names:
         raise ValueError(f"vocabulary file {path} has no class names (one per line)")
     return names
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class HFDetector:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from muvla.corpus.regions import ImageRegions
-from muvla.regions.detector import CropFeaturizer, ImageFolderMixin, InputItem, _mark_duplicates, crop
+from muvla.corpus.region_store import ImageRegions
+from muvla.regions.backends import CropFeaturizer, ImageFolderMixin, InputItem, _mark_duplicates, crop
 from muvla.regions.efficientnet import EfficientNetLite0, imagenet_tags
 from muvla.regions.images import RejectedImage, list_images
 from muvla.regions.proposals import box_iou, nms, whole_image_box

@@ -14,28 +14,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from muvla.corpus.layout import RegionsOutput
 from muvla.corpus.provenance import StageRun, Step, StepResult, digest_file, digest_json, run_step
-from muvla.corpus.regions import ImageRegions, RegionPartWriter, merge_region_parts, read_rejected
-from muvla.regions.detector import (
+from muvla.corpus.region_store import ImageRegions, RegionPartWriter, merge_region_parts, read_rejected
+from muvla.regions.backends import (
     ButdBackend,
     CocoInstancesBackend,
     CropFeaturizer,
-    DetectorBackend,
     InputItem,
+    ProposalsBackend,
     VinVLBackend,
 )
 from muvla.regions.images import RejectedImage
 from muvla.regions.object_regions import ObjectDetectorBackend
 from muvla.regions.proposals import ProposalConfig
 from muvla.utils.config import ConfigError, check_choices, output_settings, setting
+from muvla.utils.device import NUM_THREADS_HELP, check_num_threads, torch_num_threads
 from muvla.utils.progress import progress
 from muvla.utils.shards import ShardSpec, UnitPlan, clean_stale_tmp, unit_ranges
 
-BACKENDS = ("detector", "coco-instances", "vinvl-tsv", "butd-tsv", "centernet", "transformers", "auto")
-IMAGE_BACKENDS = ("detector", "coco-instances", "centernet", "transformers", "auto")
+BACKENDS = ("proposals", "coco-instances", "vinvl-tsv", "butd-tsv", "centernet", "transformers", "auto")
+IMAGE_BACKENDS = ("proposals", "coco-instances", "centernet", "transformers", "auto")
+BACKEND_ALIASES = {"detector": "proposals"}  # the old name of the proposals backend (it detects nothing)
 INPUT_FIELDS = ("images", "coco_instances", "vinvl_features", "vinvl_predictions", "butd_tsv", "weights",
                 "vocabulary", "tag_words")
 
@@ -44,12 +44,13 @@ INPUT_FIELDS = ("images", "coco_instances", "vinvl_features", "vinvl_predictions
 class RegionsSettings:
     """What the regions stage computes and from which inputs (see docs/DESIGN.md "regions")."""
 
-    backend: str = setting("auto", choices=BACKENDS,
-                           help="detector: offline proposals + ImageNet tags; centernet: offline COCO-80 detector "
-                                "(fetched weights); transformers: any HuggingFace detector; auto: centernet when "
-                                "its weights are cached, else detector; coco-instances: ground-truth COCO "
-                                "boxes (oracle); vinvl-tsv / butd-tsv: precomputed detector features")
-    images: Path | None = setting(None, help="folder of image files (detector and coco-instances backends)")
+    backend: str = setting("auto", choices=BACKENDS, aliases=BACKEND_ALIASES,
+                           help="proposals: offline proposals + ImageNet tags ('detector' is its deprecated "
+                                "name); centernet: offline COCO-80 detector (fetched weights); transformers: any "
+                                "HuggingFace detector; auto: centernet when its weights are cached, else "
+                                "proposals; coco-instances: ground-truth COCO boxes (oracle); vinvl-tsv / "
+                                "butd-tsv: precomputed detector features")
+    images: Path | None = setting(None, help="folder of image files (image backends)")
     coco_instances: Path | None = setting(None, help="COCO instances JSON (coco-instances backend)")
     vinvl_features: Path | None = setting(None, help="VinVL features.tsv (vinvl-tsv backend)")
     vinvl_predictions: Path | None = setting(None, help="VinVL predictions.tsv (vinvl-tsv backend)")
@@ -60,11 +61,11 @@ class RegionsSettings:
     crop_size: int | None = setting(None, help="side of the square crop fed to the feature backbone, in pixels "
                                                "(default: 224; 128 for centernet/transformers)")
     unit_size: int = setting(64, help="inputs per work unit (one resumable part folder each)")
-    store_class_probs: bool = setting(False, help="also store each region's class distribution (detector backend)")
+    store_class_probs: bool = setting(False, help="also store each region's class distribution (proposals backend)")
     proposal_max_side: int = setting(128, help="longest image side when computing felzenszwalb proposals")
     proposal_scales: tuple[float, ...] = setting((400.0, 150.0, 50.0),
                                                  help="felzenszwalb scales of the proposals, coarse to fine")
-    max_proposals: int = setting(48, help="crops classified per image by the detector backend")
+    max_proposals: int = setting(48, help="crops classified per image by the proposals backend")
     weights: Path | None = setting(None, help="EfficientNet-Lite0 weights file (default: the installed package's)")
     min_score: float = setting(0.15, help="centernet/transformers: detections scored below this are not stored")
     detector_weights: Path | None = setting(None, help="centernet: folder with centernet.json/.bin "
@@ -77,14 +78,13 @@ class RegionsSettings:
                                        runtime=True)
     device: str = setting("auto", help="transformers: auto (GPU when present), cpu or cuda[:i]", runtime=True)
     batch_size: int = setting(32, help="crops per backbone forward pass", runtime=True)
-    num_threads: int | None = setting(None, help="torch CPU threads for this run (default: torch's choice)",
-                                      runtime=True)
+    num_threads: int | None = setting(None, help=NUM_THREADS_HELP, runtime=True)
     progress: bool = setting(True, help="show a progress bar", runtime=True)
 
     def validate(self) -> None:
         check_choices(self, "regions")
         needed = {
-            "detector": ("images",),
+            "proposals": ("images",),
             "coco-instances": ("images", "coco_instances"),
             "vinvl-tsv": ("vinvl_features", "vinvl_predictions"),
             "butd-tsv": ("butd_tsv",),
@@ -111,17 +111,16 @@ class RegionsSettings:
             raise ConfigError(f"detector_batch_size must be >= 1, got {self.detector_batch_size}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ConfigError(f"num_threads must be >= 1, got {self.num_threads}")
+        check_num_threads(self.num_threads)
         if self.unit_size < 1:
             raise ConfigError(f"unit_size must be >= 1, got {self.unit_size}")
-        if self.store_class_probs and self.backend != "detector":
-            raise ConfigError("store_class_probs is only available with the 'detector' backend")
+        if self.store_class_probs and self.backend != "proposals":
+            raise ConfigError("store_class_probs is only available with the 'proposals' backend")
         if self.proposal_max_side < 8:
             raise ConfigError(f"proposal_max_side must be >= 8, got {self.proposal_max_side}")
         if not self.proposal_scales or any(s <= 0 for s in self.proposal_scales):
             raise ConfigError(f"proposal_scales must be positive numbers, got {self.proposal_scales}")
-        if self.max_proposals < self.max_regions and self.backend == "detector":
+        if self.max_proposals < self.max_regions and self.backend == "proposals":
             raise ConfigError(f"max_proposals ({self.max_proposals}) must be >= max_regions ({self.max_regions})")
 
     def check_inputs(self) -> None:
@@ -152,12 +151,12 @@ class RegionsConfig(RegionsSettings, StageRun):
         self.shard_spec()
 
 
-RegionBackend = DetectorBackend | CocoInstancesBackend | VinVLBackend | ButdBackend | ObjectDetectorBackend
+RegionBackend = ProposalsBackend | CocoInstancesBackend | VinVLBackend | ButdBackend | ObjectDetectorBackend
 
 
 def build_backend(cfg: RegionsConfig) -> RegionBackend:
     """The backend named by ``cfg.backend`` (the backbone is loaded only for image backends)."""
-    from muvla.regions.detectors import (  # imports the weights module
+    from muvla.regions.object_detectors import (  # imports the weights module
         build_detector_backend,
         resolve_auto_backend,
     )
@@ -173,9 +172,9 @@ def build_backend(cfg: RegionsConfig) -> RegionBackend:
         featurizer = CropFeaturizer(load_lite0(cfg.weights), crop_size=crop_size, batch_size=cfg.batch_size)
         if cfg.backend in ("centernet", "transformers"):
             return build_detector_backend(cfg, featurizer)
-        if cfg.backend == "detector":
-            return DetectorBackend(cfg.images, max_regions=cfg.max_regions, nms_iou=cfg.nms_iou,
-                                   proposals=cfg.proposal_config(), featurizer=featurizer)
+        if cfg.backend == "proposals":
+            return ProposalsBackend(cfg.images, max_regions=cfg.max_regions, nms_iou=cfg.nms_iou,
+                                    proposals=cfg.proposal_config(), featurizer=featurizer)
         if not Path(cfg.coco_instances).is_file():
             raise ConfigError(f"COCO instances JSON not found: {cfg.coco_instances}")
         return CocoInstancesBackend(cfg.images, cfg.coco_instances, max_regions=cfg.max_regions,
@@ -258,16 +257,8 @@ def _merged_summary(out: Path, n_inputs: int, n_parts: int, stats: dict[str, int
 def run_regions(cfg: RegionsConfig) -> dict:
     """Run (or resume) the regions stage for this process's shard; merge when every part exists."""
     cfg.validate()
-    if cfg.num_threads is None:
+    with torch_num_threads(cfg.num_threads):
         return _run(cfg)
-    # Oversubscribed CPUs make torch's thread pool spin (measured 10x slower on a busy 2-core box),
-    # so the thread count is configurable; restore it afterwards, it is process-global.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(cfg.num_threads)
-    try:
-        return _run(cfg)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run(cfg: RegionsConfig) -> dict:
@@ -275,7 +266,7 @@ def _run(cfg: RegionsConfig) -> dict:
     shard = cfg.shard_spec()
     cfg.check_inputs()
     if cfg.backend == "auto":  # record the backend actually used, so parts of two backends never mix
-        from muvla.regions.detectors import resolve_auto_backend
+        from muvla.regions.object_detectors import resolve_auto_backend
 
         cfg = dataclasses.replace(cfg, backend=resolve_auto_backend())
     backend = build_backend(cfg)

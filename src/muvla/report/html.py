@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from muvla.corpus.layout import CorpusLayout, PairMatch, SentencePhrases
-from muvla.corpus.regions import ImageRegions
+from muvla.corpus.region_store import ImageRegions
 from muvla.report.readers import (
     Card,
     ReportError,

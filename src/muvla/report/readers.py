@@ -14,7 +14,7 @@ from typing import Any
 
 from muvla.corpus.layout import CorpusLayout, PairMatch, SentencePhrases
 from muvla.corpus.provenance import BuildRecord
-from muvla.corpus.regions import ImageRegions, RegionStore
+from muvla.corpus.region_store import ImageRegions, RegionStore
 from muvla.utils.config import ConfigError
 
 RUN_MARKERS = ("regions", "text", "retrieval", "phrases", "pretrain", "evaluation", "experiment.json",

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from muvla.corpus.regions import RegionStore
+from muvla.corpus.region_store import RegionStore
 from muvla.retrieval.queries import QUERY_MODES, TaggedImage, make_query
 
 HUBNESS_CORRECTIONS = ("none", "csls")

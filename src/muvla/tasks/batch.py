@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from muvla.corpus.regions import ImageRegions, RegionStore
+from muvla.corpus.region_store import ImageRegions, RegionStore
 from muvla.tasks.files import HasRegions
+from muvla.utils.config import check_max_text_len
 
 # Text truncation (tokens incl. [CLS]/[SEP]) when neither a flag nor the fine-tuned model's task.json says.
 DEFAULT_MAX_TEXT_LEN = 40
@@ -74,8 +75,7 @@ class TaskCollator:
     """Tokenize ``[CLS] text [SEP]`` (truncated to max_text_len) and pad regions to the batch maximum."""
 
     def __init__(self, tokenizer: Any, max_text_len: int = DEFAULT_MAX_TEXT_LEN, max_regions: int | None = None) -> None:
-        if max_text_len < 3:
-            raise ValueError(f"max_text_len must be >= 3, got {max_text_len}")
+        check_max_text_len(max_text_len)
         self.tokenizer = tokenizer
         self.max_text_len = max_text_len
         self.max_regions = max_regions

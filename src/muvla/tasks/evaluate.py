@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from muvla.corpus.layout import RegionsOutput
 from muvla.corpus.provenance import (
     OutputPolicy,
@@ -32,7 +30,7 @@ from muvla.corpus.provenance import (
     run_step,
     summary_path,
 )
-from muvla.corpus.regions import RegionStore
+from muvla.corpus.region_store import RegionStore
 from muvla.tasks.batch import DEFAULT_MAX_TEXT_LEN, has_regions_fn
 from muvla.tasks.files import LoadReport
 from muvla.tasks.model import (
@@ -48,9 +46,8 @@ from muvla.tasks.registry import get_task, task_names
 from muvla.tasks.results import write_results
 from muvla.tasks.spec import EvalOptions, Evaluation, ReadOptions, TaskSpec
 from muvla.tasks.vocab import AnswerVocab
-from muvla.training import pick_device
-from muvla.training.distributed import DEVICES
-from muvla.utils.config import ConfigError, check_choices, output_settings, setting
+from muvla.utils.config import ConfigError, check_choices, check_max_text_len, output_settings, setting
+from muvla.utils.device import DEVICES, NUM_THREADS_HELP, check_num_threads, pick_device, torch_num_threads
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +75,7 @@ class EvaluateConfig(OutputPolicy):
     max_text_len: int | None = setting(None, help="tokens per text (default: the fine-tuned model's, from task.json)")
     device: str = setting("auto", choices=DEVICES, help="auto: CUDA when available, else CPU", runtime=True)
     model_name: str = setting("muvla", help="row name of this model in results.json and the Meta-Ave table")
-    torch_threads: int = setting(0, help="intra-op CPU threads; 0 = torch's default", runtime=True)
+    num_threads: int | None = setting(None, help=NUM_THREADS_HELP, runtime=True)
 
     def data_files(self) -> list[Path]:
         return [Path(self.captions)] if self.captions is not None else [Path(p) for p in self.data]
@@ -96,12 +93,10 @@ class EvaluateConfig(OutputPolicy):
             raise ConfigError(f"task {spec.name} needs a region store (regions){alternative}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_text_len is not None and self.max_text_len < 1:
-            raise ConfigError(f"max_text_len must be >= 1, got {self.max_text_len}")
+        check_max_text_len(self.max_text_len)
         if self.max_images < 0 or self.max_captions_per_image < 0:
             raise ConfigError("max_images and max_captions_per_image must be >= 0 (0 = all)")
-        if self.torch_threads < 0:
-            raise ConfigError(f"torch_threads must be >= 0 (0 = torch default), got {self.torch_threads}")
+        check_num_threads(self.num_threads)
 
 
 def _model_info(model: str | Path) -> tuple[Path | None, TaskInfo | None]:
@@ -227,16 +222,14 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                 sources={"data": cfg.data_files(), "regions": regions_root, "model": cfg.model,
                          "answer_vocab": cfg.answer_vocab},
                 work=[results_path, folder / "rejected.jsonl"])
-    return run_step(step, lambda _start: StepResult(_evaluate(cfg, spec, regions_root, results_path, folder)),
-                    overwrite=cfg.overwrite)
+    with torch_num_threads(cfg.num_threads):
+        return run_step(step, lambda _start: StepResult(_evaluate(cfg, spec, regions_root, results_path, folder)),
+                        overwrite=cfg.overwrite)
 
 
 def _evaluate(cfg: EvaluateConfig, spec: TaskSpec, regions_root: Path, results_path: Path,
               folder: Path) -> dict[str, Any]:
     from muvla.encoders import load_wordpiece_tokenizer
-
-    if cfg.torch_threads > 0:
-        torch.set_num_threads(cfg.torch_threads)
     device = pick_device(cfg.device)
     store = RegionStore(regions_root)
     model, info, model_folder = _load_model(spec, cfg.model, store.feature_dim)

@@ -33,7 +33,7 @@ from muvla.corpus.provenance import (
     digest_model,
     run_step,
 )
-from muvla.corpus.regions import RegionStore
+from muvla.corpus.region_store import RegionStore
 from muvla.tasks.batch import DEFAULT_MAX_TEXT_LEN, TaskCollator, has_regions_fn
 from muvla.tasks.files import LoadReport, merge_reports
 from muvla.tasks.model import ANSWER_VOCAB_FILE, HEAD_WEIGHTS, TaskModel, load_encoder, tokenizer_source
@@ -42,7 +42,8 @@ from muvla.tasks.results import write_results
 from muvla.tasks.spec import DataOptions, EvalOptions, ReadOptions, TaskSpec
 from muvla.tasks.vocab import AnswerVocab
 from muvla.training import SCHEDULE_SETTINGS, TrainConfig, Trainer, TrainerSettings
-from muvla.utils.config import ConfigError, output_settings, setting
+from muvla.utils.config import ConfigError, check_max_text_len, output_settings, setting
+from muvla.utils.device import NUM_THREADS_HELP, check_num_threads, torch_num_threads
 from muvla.utils.shards import resolve_shard
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class FinetuneConfig(TrainerSettings, OutputPolicy):
     eval_batch_size: int = setting(32, help="rows per batch when scoring the validation files", runtime=True)
     max_val_images: int = setting(0, help="retrieval validation: first N images (0 = all)")
     model_name: str = setting("muvla", help="row name of this model in results.json and the Meta-Ave table")
-    torch_threads: int = setting(0, help="intra-op CPU threads; 0 = torch's default", runtime=True)
+    num_threads: int | None = setting(None, help=NUM_THREADS_HELP, runtime=True)
 
     def validate(self) -> None:
         spec = get_task(self.task)
@@ -89,15 +90,15 @@ class FinetuneConfig(TrainerSettings, OutputPolicy):
         spec.check_files(self.train, "train", labelled=True)
         if self.val:
             spec.check_files(self.val, "val", labelled=True)
-        for name in ("max_text_len", "eval_batch_size", "n_negatives", "answer_min_count"):
+        check_max_text_len(self.max_text_len)
+        for name in ("eval_batch_size", "n_negatives", "answer_min_count"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.head_dropout < 1:
             raise ConfigError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
         if self.max_val_images < 0:
             raise ConfigError("max_val_images must be >= 0 (0 = all)")
-        if self.torch_threads < 0:
-            raise ConfigError(f"torch_threads must be >= 0 (0 = torch default), got {self.torch_threads}")
+        check_num_threads(self.num_threads)
         self.train_config().validate()
 
     def train_config(self) -> TrainConfig:
@@ -183,8 +184,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 work=[out / "checkpoints", model_dir, out / "metrics.jsonl", out / "training_curves.png",
                       out / "rejected.jsonl", *out.glob("predictions_*")],
                 resume_may_change=SCHEDULE_SETTINGS)
-    return run_step(step, lambda start: StepResult(_finetune(cfg, start)), overwrite=cfg.overwrite,
-                    rank=resolve_shard().rank, resume_requested=cfg.resume)
+    with torch_num_threads(cfg.num_threads):
+        return run_step(step, lambda start: StepResult(_finetune(cfg, start)), overwrite=cfg.overwrite,
+                        rank=resolve_shard().rank, resume_requested=cfg.resume)
 
 
 def _finetune(cfg: FinetuneConfig, start: StageStart) -> dict[str, Any]:
@@ -192,8 +194,6 @@ def _finetune(cfg: FinetuneConfig, start: StageStart) -> dict[str, Any]:
 
     cfg = dataclasses.replace(cfg, resume=start.status == "resume")  # the protocol decides, not a flag
     spec = get_task(cfg.task)
-    if cfg.torch_threads > 0:
-        torch.set_num_threads(cfg.torch_threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     store = RegionStore(cfg.regions)

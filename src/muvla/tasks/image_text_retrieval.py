@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from muvla.corpus.captions import normalise_caption, read_captions_file
-from muvla.corpus.regions import RegionStore
+from muvla.corpus.region_store import RegionStore
 from muvla.model import Model, ModelConfig
 from muvla.model.modeling import EncoderOutput
 from muvla.tasks.batch import DEFAULT_MAX_TEXT_LEN, TaskBatch, TaskItem, get_regions

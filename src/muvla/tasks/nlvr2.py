@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from muvla.corpus.regions import RegionStore
+from muvla.corpus.region_store import RegionStore
 from muvla.model import Model, ModelConfig
 from muvla.model.modeling import EncoderOutput
 from muvla.tasks.batch import TaskBatch, TaskItem, get_regions

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from muvla.corpus.regions import RegionStore
+from muvla.corpus.region_store import RegionStore
 from muvla.model import Model, ModelConfig
 from muvla.model.modeling import EncoderOutput
 from muvla.tasks.batch import TaskBatch, TaskItem, get_regions

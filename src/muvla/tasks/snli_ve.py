@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from muvla.corpus.regions import RegionStore
+from muvla.corpus.region_store import RegionStore
 from muvla.model import ModelConfig
 from muvla.tasks.batch import TaskItem, get_regions
 from muvla.tasks.files import NO_REGIONS, HasRegions, LoadReport, iter_jsonl, load_each, missing_field

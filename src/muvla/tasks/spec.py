@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from muvla.corpus.regions import RegionStore
+from muvla.corpus.region_store import RegionStore
 from muvla.model import Model
 from muvla.tasks.batch import DEFAULT_MAX_TEXT_LEN, TaskCollator, TaskItem
 from muvla.tasks.files import HasRegions, LoadReport

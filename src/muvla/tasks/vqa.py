@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from muvla.corpus.regions import RegionStore
+from muvla.corpus.region_store import RegionStore
 from muvla.model import Model, ModelConfig
 from muvla.model.modeling import EncoderOutput
 from muvla.tasks.batch import TaskBatch, TaskItem, get_regions

@@ -5,7 +5,7 @@ warm-up/decay, accumulation, clipping, mixed precision, DDP under torchrun, atom
 exact resume. Neither ``muvla.pretraining`` nor ``muvla.tasks`` is imported from here.
 """
 
-from muvla.training.distributed import DistInfo, init_distributed, pick_device
+from muvla.training.distributed import DistInfo, init_distributed
 from muvla.training.trainer import (
            SCHEDULE_SETTINGS,
            StepOutput,
@@ -15,5 +15,6 @@ from muvla.training.trainer import (
            move_to_device,
 )
 
-__all__ = ["SCHEDULE_SETTINGS", "DistInfo", "StepOutput", "TrainConfig", "Trainer", "TrainerSettings", "init_distributed", "pick_device",
+__all__ = ["SCHEDULE_SETTINGS", "DistInfo", "StepOutput", "TrainConfig", "Trainer", "TrainerSettings",
+           "init_distributed",
            "move_to_device"]

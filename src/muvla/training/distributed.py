@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from muvla.utils.config import ConfigError
+from muvla.utils.device import pick_device
 
 
 @dataclass(frozen=True)
@@ -35,28 +35,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world > 1
-
-
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def pick_device(device: str = "auto", local_rank: int | None = None) -> torch.device:
-    """'auto' = this rank's GPU when CUDA exists, else CPU; 'cpu'/'cuda' force the choice.
-
-    The one place that decides the device, for training, evaluation and inference alike;
-    ``local_rank`` defaults to torchrun's LOCAL_RANK.
-    """
-    if device not in DEVICES:
-        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was requested but CUDA is not available")
-    if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -102,14 +80,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (in place, also returned); identity on one process."""
     if is_dist():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (in place, also returned) so every rank logs the same number."""
-    if is_dist():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= dist.get_world_size()
     return tensor
 
 

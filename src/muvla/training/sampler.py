@@ -138,9 +138,6 @@ class KeyedBatches(Dataset):
                 random.seed(s)
                 np.random.seed(s)
                 torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also queues CUDA work
-                set_epoch = getattr(self.dataset, "set_epoch", None)
-                if callable(set_epoch):
-                    set_epoch(key.epoch)
                 try:
                     batch = self.collate_fn([self.dataset[i] for i in key.indices])
                 except Exception as err:  # add where in the data stream it happened, then re-raise

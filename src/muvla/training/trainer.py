@@ -9,11 +9,6 @@ Exact resumption: the data order and the per-batch randomness are pure functions
 rank, batch position) (``muvla.training.sampler``); everything else (model RNG such as dropout,
 optimizer, scheduler, grad scaler, the partly filled logging window) is saved per rank in the
 checkpoint (``muvla.training.checkpoint``) and restored.
-
-Epoch-dependent behaviour (the μ-VLA curriculum): at the start of training, at resume, and whenever
-a new epoch begins, the trainer calls ``model.set_epoch(epoch)`` if the (unwrapped) model has it and
-then ``epoch_callback(epoch)``. Datasets that define ``set_epoch(epoch)`` get it called, inside the
-worker that builds the batch, before their items are read.
 """
 
 from __future__ import annotations
@@ -45,7 +40,6 @@ from muvla.training.checkpoint import (
     write_checkpoint,
 )
 from muvla.training.distributed import (
-    DEVICES,
     DistInfo,
     all_gather_object,
     all_reduce_sum,
@@ -56,6 +50,7 @@ from muvla.training.distributed import (
 from muvla.training.optim import linear_warmup_decay, param_groups, resolve_precision
 from muvla.training.sampler import BatchKey, KeyedBatches, ResumableDistributedSampler, passthrough
 from muvla.utils.config import ConfigError, check_choices, setting, to_dict
+from muvla.utils.device import DEVICES
 from muvla.utils.progress import progress
 from muvla.utils.shards import atomic_file, clean_stale_tmp
 
@@ -240,15 +235,13 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, train_dataset: Dataset, collate_fn: Callable[[list[Any]], Any],
-                 cfg: TrainConfig, epoch_callback: Callable[[int], None] | None = None,
-                 dist_info: DistInfo | None = None) -> None:
+                 cfg: TrainConfig, dist_info: DistInfo | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.dist = dist_info or init_distributed(cfg.device)
         self.device = self.dist.device
         self.precision = resolve_precision(cfg.precision, self.device)
-        self.epoch_callback = epoch_callback
         try:
             n = len(train_dataset)  # type: ignore[arg-type]
         except TypeError as err:
@@ -282,21 +275,9 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.consumed_batches = 0
-        self.current_epoch: int | None = None
         self.window = LogWindow()
         self.resumed_from: Path | None = None
         self.ddp: DDP | None = None
-
-    # ---- epoch hooks --------------------------------------------------------------------------
-
-    def _enter_epoch(self, epoch: int) -> None:
-        """Tell the model (``set_epoch``) and the callback which epoch the next batches belong to."""
-        self.current_epoch = epoch
-        set_epoch = getattr(self.model, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(epoch)
-        if self.epoch_callback is not None:
-            self.epoch_callback(epoch)
 
     # ---- data ---------------------------------------------------------------------------------
 
@@ -439,8 +420,6 @@ class Trainer:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         for micro in range(self.cfg.grad_accum):
             key, batch = next(stream)
-            if key.epoch != self.current_epoch:
-                self._enter_epoch(key.epoch)
             batch = move_to_device(batch, self.device)
             final_micro = micro == self.cfg.grad_accum - 1
             sync = contextlib.nullcontext() if (self.ddp is None or final_micro) else self.ddp.no_sync()
@@ -480,7 +459,6 @@ class Trainer:
         t_window = t_start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._enter_epoch(self.epoch)
         bar = progress(range(start_step, self.total_steps), desc="train", total=self.total_steps - start_step,
                        unit="step", enabled=self.dist.is_main)
         try:

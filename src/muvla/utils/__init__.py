@@ -1,1 +1,1 @@
-"""Small shared helpers: configs, sharded/atomic outputs, progress bars."""
+"""Small shared helpers: configs, sharded/atomic outputs, progress bars, device and threads."""

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import logging
 import platform
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -29,18 +31,21 @@ class ConfigError(ValueError):
 HELP = "help"
 CHOICES = "choices"
 RUNTIME = "runtime"
+ALIASES = "aliases"
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[Any] | None = None,
             runtime: bool = False, default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
-            kw_only: bool | Any = dataclasses.MISSING) -> Any:
+            kw_only: bool | Any = dataclasses.MISSING, aliases: Mapping[str, Any] | None = None) -> Any:
     """A config field with its ``--help`` text, its allowed values and whether it only affects speed.
 
     ``runtime=True`` marks settings that never change what a stage writes (batch sizes, devices,
     threads, shards, progress bars): they are left out of the stage's build record, so changing
-    them does not make the outputs look stale.
+    them does not make the outputs look stale. ``aliases`` maps deprecated values to their current
+    names, so old configs keep working while configs and build records only hold the current one.
     """
-    metadata = {HELP: help, CHOICES: tuple(choices) if choices is not None else None, RUNTIME: runtime}
+    metadata = {HELP: help, CHOICES: tuple(choices) if choices is not None else None, RUNTIME: runtime,
+                ALIASES: dict(aliases or {})}
     kwargs: dict[str, Any] = {"metadata": metadata}
     if default is not dataclasses.MISSING:
         kwargs["default"] = default
@@ -118,6 +123,15 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     return value
 
 
+def _resolve_alias(value: Any, f: dataclasses.Field, name: str) -> Any:
+    """A deprecated value -> its current name, with one warning line; any other value unchanged."""
+    aliases = f.metadata.get(ALIASES) or {}
+    if isinstance(value, str) and value in aliases:
+        logger.warning("%s: %r is deprecated, it is now called %r", name, value, aliases[value])
+        return aliases[value]
+    return value
+
+
 def _check_choices(value: Any, choices: tuple[Any, ...] | None, name: str) -> None:
     if choices is None or value is None:
         return
@@ -128,10 +142,24 @@ def _check_choices(value: Any, choices: tuple[Any, ...] | None, name: str) -> No
 
 
 def check_choices(obj: Any, where: str = "") -> None:
-    """Every setting of ``obj`` declared with ``choices`` holds one of them (call from ``validate``)."""
+    """Every setting of ``obj`` declared with ``choices`` holds one of them (call from ``validate``);
+    a deprecated alias is replaced by its current name first."""
     prefix = f"{where}." if where else ""
     for f in dataclasses.fields(obj):
-        _check_choices(getattr(obj, f.name), field_choices(f), prefix + f.name)
+        value = _resolve_alias(getattr(obj, f.name), f, prefix + f.name)
+        if value is not getattr(obj, f.name):
+            setattr(obj, f.name, value)
+        _check_choices(value, field_choices(f), prefix + f.name)
+
+
+MIN_TEXT_LEN = 3  # [CLS] + one token + [SEP]
+
+
+def check_max_text_len(value: int | None, name: str = "max_text_len") -> None:
+    """The one ``max_text_len`` rule, for every config and collator that truncates text (None = decided
+    later): the collators need room for [CLS], one token and [SEP]."""
+    if value is not None and value < MIN_TEXT_LEN:
+        raise ConfigError(f"{name} must be >= {MIN_TEXT_LEN} ([CLS] + a token + [SEP]), got {value}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "", validate: bool = True) -> T:
@@ -150,7 +178,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "", validate: boo
                           f"known: {', '.join(sorted(fields))}")
     kwargs = {}
     for key, value in data.items():
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
+        kwargs[key] = _resolve_alias(_coerce(value, hints[key], prefix + key), fields[key], prefix + key)
         _check_choices(kwargs[key], field_choices(fields[key]), prefix + key)
     missing = [name for name, f in fields.items() if name not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]

@@ -51,15 +51,6 @@ def unit_ranges(n_items: int, unit_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + unit_size, n_items)) for s in range(0, n_items, unit_size)]
 
 
-def unit_name(unit: int) -> str:
-    return f"part-{unit:05d}"
-
-
-def is_complete(path: Path) -> bool:
-    """A unit is complete when its final (renamed) path exists."""
-    return path.exists()
-
-
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary folder; rename it to ``final`` only if the block finishes without error."""

@@ -1,13 +1,13 @@
 """Region backends: turn one input (an image file or a row of precomputed features) into ImageRegions.
 
-* `DetectorBackend` (default, offline): Felzenszwalb proposals -> crops -> EfficientNet-Lite0;
+* `ProposalsBackend` (offline fallback, no detector): Felzenszwalb proposals -> crops -> EfficientNet-Lite0;
   feature = pooled 1280-d, tag = short ImageNet class name, score = top-1 probability, NMS by score.
 * `CocoInstancesBackend`: ground-truth COCO boxes and category names (an oracle detector), features
   from the same backbone crops.
 * `VinVLBackend` / `ButdBackend`: read precomputed detector outputs (the paper's VinVL features, or
   bottom-up-attention TSVs) so users with existing features skip detection entirely.
 
-Region 0 of the detector and COCO backends is always the whole image (a global context region that
+Region 0 of the proposals and COCO backends is always the whole image (a global context region that
 downstream models rely on); the TSV backends keep the boxes exactly as the files give them.
 Inputs are listed once, deterministically, by `list_inputs()`; every process sees the same list, so
 work units and image ids never depend on sharding.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from muvla.corpus.regions import ImageRegions
+from muvla.corpus.region_store import ImageRegions
 from muvla.regions.efficientnet import EfficientNetLite0, imagenet_tags, load_lite0, preprocess
 from muvla.regions.images import RejectedImage, list_images, load_rgb
 from muvla.regions.proposals import ProposalConfig, box_area, nms, propose_boxes, whole_image_box
@@ -108,10 +108,10 @@ class ImageFolderMixin:
         return load_rgb(self.images / item.file)
 
 
-class DetectorBackend(ImageFolderMixin):
-    """Offline detector: proposals + EfficientNet-Lite0 classification of every crop."""
+class ProposalsBackend(ImageFolderMixin):
+    """Offline fallback without a detector: proposals + EfficientNet-Lite0 classification of every crop."""
 
-    name = "detector"
+    name = "proposals"
     feature_dim = EfficientNetLite0.feature_dim
 
     def __init__(self, images: Path, max_regions: int = 36, nms_iou: float = 0.5,

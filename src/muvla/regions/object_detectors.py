@@ -1,7 +1,7 @@
 """Construction of the real-detector backends from the regions config, and the ``auto`` choice.
 
 ``auto`` = the offline COCO detector (``centernet``) when its verified weights are in the cache,
-else the ImageNet-classifier fallback (``detector``) with one warning line saying how to get them.
+else the ImageNet-classifier fallback (``proposals``) with one warning line saying how to get them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
-from muvla.regions.detector import CropFeaturizer
+from muvla.regions.backends import CropFeaturizer
 from muvla.regions.object_regions import ObjectDetectorBackend, RegionSelection
 from muvla.regions.tags import load_tag_words
 from muvla.regions.weights import FETCH_HINT, WeightsError, find_centernet, model_dir
@@ -20,14 +20,14 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_auto_backend() -> str:
-    """"centernet" when verified weights are cached, else "detector" after one warning line."""
+    """"centernet" when verified weights are cached, else "proposals" after one warning line."""
     if find_centernet() is not None:
         return "centernet"
     folder = model_dir()
     state = "corrupt" if folder.exists() else "not found"
     logger.warning(f"COCO detector weights {state} in {folder}: using the ImageNet-classifier fallback "
-                   f"(backend 'detector'); to get the real detector {FETCH_HINT}")
-    return "detector"
+                   f"(backend 'proposals'); to get the real detector {FETCH_HINT}")
+    return "proposals"
 
 
 class DetectorSettings(Protocol):
