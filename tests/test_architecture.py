@@ -109,3 +109,23 @@ def test_coco_captions_json_is_parsed_in_one_module() -> None:
     """One owner per format (docs/DESIGN.md): everyone else reads captions through muvla.corpus.captions."""
     parsers = sorted(module_name(p) for p in PACKAGE.rglob("*.py") if reads_coco_captions(p.read_text(encoding="utf-8")))
     assert parsers == ["muvla.corpus.captions"]
+
+
+def _code_strings(path: Path) -> list[tuple[int, str]]:
+    """String constants of a module that are not docstrings (what the code uses, not what it says)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_no_step_reads_another_steps_config_yaml() -> None:
+    """config.yaml is for people and for --config; steps learn their inputs from build records
+    (``provenance.recorded_source``). Only ``utils.config`` (which writes and loads it) names it."""
+    owner = PACKAGE / "utils" / "config.py"
+    found = [f"{path.relative_to(SRC)}:{line}" for path in sorted(PACKAGE.rglob("*.py")) if path != owner
+             for line, text in _code_strings(path) if "config.yaml" in text]
+    assert not found, f"config.yaml named outside utils/config.py: {found}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -11,8 +12,8 @@ from PIL import Image
 
 from muvla.cli import main
 from muvla.corpus.build import CorpusConfig, run_corpus
-from muvla.corpus.layout import CorpusLayout
-from muvla.corpus.provenance import BuildRecord
+from muvla.corpus.layout import CorpusLayout, RegionsOutput
+from muvla.corpus.provenance import BuildRecord, finish_output
 from muvla.phrases.stage import PhrasesConfig, run_phrases
 from muvla.pretraining.run import PretrainConfig, run_pretrain
 from muvla.regions.stage import RegionsConfig, RegionsSettings, run_regions
@@ -173,3 +174,24 @@ def test_a_moved_corpus_is_reused_not_refused(inputs, tmp_path: Path) -> None:
     run_phrases(PhrasesConfig(out=moved / "phrases", retrieval=moved / "retrieval", regions=moved / "regions",
                               text=moved / "text"))  # every stage reuses its output: no refusal, no redo
     assert {p.parent.name: p.read_bytes() for p in moved.glob("*/build.json")} == before
+
+
+def test_a_store_recorded_under_a_deprecated_backend_name_is_reused(inputs, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Region stores built when the proposals backend was called 'detector' are the same output."""
+    images, _ = inputs
+    cfg = RegionsConfig(out=tmp_path / "regions", images=images, **REGIONS)
+    run_regions(cfg)
+    record = BuildRecord.read(cfg.out)
+    assert record is not None and record.settings["backend"] == "proposals"
+    record.settings["backend"] = "detector"  # as an older muvla wrote it, digest included
+    finish_output(cfg.out, record, RegionsOutput(cfg.out).outputs())
+    stamp = (cfg.out / "index.parquet").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="muvla.corpus.provenance"):
+        summary = run_regions(RegionsConfig(out=tmp_path / "regions", images=images, **REGIONS))
+    assert summary["reused"] and "up to date" in caplog.text
+    assert (cfg.out / "index.parquet").stat().st_mtime_ns == stamp
+    assert BuildRecord.read(cfg.out).settings["backend"] == "detector"  # a reused record is not rewritten
+    # another setting still differs: refused as always
+    with pytest.raises(ConfigError, match="max_regions"):
+        run_regions(RegionsConfig(out=tmp_path / "regions", images=images, **{**REGIONS, "max_regions": 2}))

@@ -7,7 +7,6 @@ most are unrelated), so retrieval has to find the right ones.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -16,9 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from muvla.corpus.provenance import OutputPolicy
+from muvla.corpus.provenance import OutputPolicy, write_summary
 from muvla.utils.config import ConfigError, save_config, setting
-from muvla.utils.shards import atomic_file
 
 # skimage.data loaders that ship inside the wheel (no pooch download); colour photos first.
 SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "hubble_deep_field",
@@ -108,8 +106,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     result["report"] = str(write_report(out))
     result["seconds"] = round(time.perf_counter() - start, 1)
-    with atomic_file(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    write_summary(out / "summary.json", result)
     return result
 
 

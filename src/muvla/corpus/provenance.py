@@ -26,6 +26,7 @@ from its ``sources`` (never from another step's ``config.yaml``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -114,6 +115,7 @@ class BuildRecord:
     complete: bool = False
     digest: str | None = None  # digest of the outputs, set when complete
     sources: dict[str, str] = field(default_factory=dict)  # input name -> path it was read from (not compared)
+    as_written: BuildRecord | None = field(default=None, repr=False, compare=False)  # before renaming aliases
 
     def recipe(self) -> dict[str, Any]:
         return {"stage": self.stage, "settings": self.settings, "inputs": self.inputs}
@@ -134,8 +136,9 @@ class BuildRecord:
     def write(self, folder: Path) -> None:
         import muvla
 
+        data = {k: v for k, v in asdict(self).items() if k != "as_written"}
         with atomic_file(Path(folder) / BUILD_FILE) as tmp:
-            tmp.write_text(json.dumps({**asdict(self), "muvla_version": muvla.__version__}, indent=1,
+            tmp.write_text(json.dumps({**data, "muvla_version": muvla.__version__}, indent=1,
                                       sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
@@ -156,6 +159,7 @@ def prepare_output(folder: Path, record: BuildRecord, *, overwrite: bool, is_mai
                    clear: Callable[[BuildRecord | None], None], outputs: Sequence[Path] = (),
                    work: Sequence[Path] = (), redo_on_input_change: bool = True,
                    resume_may_change: frozenset[str] = frozenset(), resume_requested: bool = False,
+                   aliases: dict[str, dict[Any, Any]] | None = None,
                    wait_timeout_s: float = 600.0, poll_s: float = 1.0) -> StageStart:
     """Compare the folder's ``build.json`` with this run's recipe and act as the module docstring says.
 
@@ -168,10 +172,13 @@ def prepare_output(folder: Path, record: BuildRecord, *, overwrite: bool, is_mai
     ``redo_on_input_change=False`` refuses instead of redoing (for stages whose work is expensive and
     whose inputs are the user's raw files, e.g. detecting regions). ``resume_requested`` with only
     ``resume_may_change`` settings changed continues the unfinished work (a training schedule made
-    longer) instead of refusing.
+    longer) instead of refusing. ``aliases`` (setting -> {deprecated value: current value}) make a
+    record written under an old name of a value the same as this run's.
     """
     folder = Path(folder)
     old = BuildRecord.read(folder) if folder.is_dir() else None
+    if old is not None and aliases:
+        old = _with_current_names(old, aliases)
     if not is_main:
         if old is None and not _has_work(outputs, work):  # a fresh folder: any process may start it
             folder.mkdir(parents=True, exist_ok=True)
@@ -213,7 +220,7 @@ def prepare_output(folder: Path, record: BuildRecord, *, overwrite: bool, is_mai
         start = StageStart("fresh", f"{folder}: its input(s) {', '.join(changed)} changed since it was built; "
                                     "the old output was removed and is being redone")
     elif old.complete and old.digest and all(Path(p).is_file() for p in outputs) \
-            and _output_digest(record, outputs) == old.digest:
+            and _output_digest(old.as_written or old, outputs) == old.digest:
         return StageStart("reuse")
     else:
         start = StageStart("resume")
@@ -222,6 +229,15 @@ def prepare_output(folder: Path, record: BuildRecord, *, overwrite: bool, is_mai
     record.complete, record.digest = False, None
     record.write(folder)
     return start
+
+
+def _with_current_names(old: BuildRecord, aliases: dict[str, dict[Any, Any]]) -> BuildRecord:
+    """``old`` with deprecated setting values renamed; ``as_written`` keeps the record its digest was
+    computed from."""
+    renamed = {k: aliases.get(k, {}).get(v, v) if isinstance(v, str) else v for k, v in old.settings.items()}
+    if renamed == old.settings:
+        return old
+    return dataclasses.replace(old, settings=renamed, as_written=old)
 
 
 def _has_work(outputs: Sequence[Path], work: Sequence[Path]) -> bool:
@@ -334,6 +350,7 @@ class Step:
     clear: Callable[[BuildRecord | None], None] | None = None
     redo_on_input_change: bool = True
     resume_may_change: frozenset[str] = frozenset()
+    aliases: dict[str, dict[Any, Any]] = field(default_factory=dict)  # setting -> {old value name: current}
 
     def record(self) -> BuildRecord:
         return BuildRecord(self.name, self.settings, self.inputs,
@@ -363,6 +380,7 @@ def run_step(step: Step, body: Callable[[StageStart], StepResult], *, overwrite:
                            clear=step.clear or step.remove_outputs, outputs=step.outputs, work=step.work,
                            redo_on_input_change=step.redo_on_input_change,
                            resume_may_change=step.resume_may_change, resume_requested=resume_requested,
+                           aliases=step.aliases,
                            wait_timeout_s=wait_timeout_s)
     if start.status == "reuse":
         if rank == 0:

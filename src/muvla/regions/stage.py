@@ -28,7 +28,7 @@ from muvla.regions.backends import (
 from muvla.regions.images import RejectedImage
 from muvla.regions.object_regions import ObjectDetectorBackend
 from muvla.regions.proposals import ProposalConfig
-from muvla.utils.config import ConfigError, check_choices, output_settings, setting
+from muvla.utils.config import ConfigError, check_choices, output_settings, setting, setting_aliases
 from muvla.utils.device import NUM_THREADS_HELP, check_num_threads, torch_num_threads
 from muvla.utils.progress import progress
 from muvla.utils.shards import ShardSpec, UnitPlan, clean_stale_tmp, unit_ranges
@@ -275,7 +275,7 @@ def _run(cfg: RegionsConfig) -> dict:
         raise ConfigError(f"no inputs found for regions backend {cfg.backend!r} (nothing to do)")
     step = Step("regions", output.root, output_settings(cfg, exclude=INPUT_FIELDS), input_digests(cfg, items),
                 output.outputs(), cfg, sources={k: getattr(cfg, k) for k in INPUT_FIELDS},
-                work=[output.parts, output.rejected], redo_on_input_change=False)
+                work=[output.parts, output.rejected], redo_on_input_change=False, aliases=setting_aliases(cfg))
     return run_step(step, lambda _start: _detect(cfg, shard, output, backend, items), overwrite=cfg.overwrite,
                     rank=shard.rank)
 

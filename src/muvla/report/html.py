@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from muvla.corpus.layout import CorpusLayout, PairMatch, SentencePhrases
+from muvla.corpus.provenance import recorded_source
 from muvla.corpus.region_store import ImageRegions
 from muvla.report.readers import (
     Card,
@@ -34,7 +35,7 @@ from muvla.report.readers import (
     stage_status,
 )
 from muvla.training.plots import read_metrics, training_curves_png
-from muvla.utils.config import setting
+from muvla.utils.config import ConfigError, setting
 from muvla.utils.shards import atomic_file
 
 THUMB_SIDE = 480  # longest side of the embedded JPEG, in pixels
@@ -77,17 +78,12 @@ def data_uri(png: bytes) -> str:
 
 def image_search_roots(run_dir: Path) -> list[Path]:
     """Folders an index ``file`` may be relative to, best first: the image folder the regions stage
-    read (recorded in regions/config.yaml, as given or relative to the run), the cwd, the run."""
-    import yaml
-
-    roots: list[Path] = []
+    read (its build record's sources, as given or relative to the run), the cwd, the run."""
     try:
-        record = yaml.safe_load((run_dir / "regions" / "config.yaml").read_text(encoding="utf-8")) or {}
-        images = (record.get("config") or {}).get("images")
-    except (OSError, yaml.YAMLError):
+        images = recorded_source(run_dir / "regions", "images")
+    except ConfigError:  # an unreadable record: the report still shows what it can
         images = None
-    if images:
-        roots += [Path(images), run_dir / images]
+    roots = [images, run_dir / images] if images is not None else []
     return roots + [Path("."), run_dir, run_dir / "regions"]
 
 

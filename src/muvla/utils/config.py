@@ -56,6 +56,12 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[
     return dataclasses.field(**kwargs)
 
 
+def setting_aliases(cfg: Any) -> dict[str, dict[str, Any]]:
+    """Setting name -> {deprecated value: current value} for every setting of ``cfg`` that has them
+    (a build record written under an old name still describes the same output)."""
+    return {f.name: dict(f.metadata[ALIASES]) for f in dataclasses.fields(cfg) if f.metadata.get(ALIASES)}
+
+
 def field_help(f: dataclasses.Field) -> str:
     return str(f.metadata.get(HELP, ""))
 
