@@ -135,3 +135,14 @@ def test_a_non_json_captions_file_is_one_line(tmp_path: Path, capsys: pytest.Cap
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(bad) in err and "JSON" in err
+
+
+def test_every_command_prints_a_short_ending() -> None:
+    """Each command names a describe function that exists (else the user sees raw key: value lines)."""
+    import importlib
+
+    from muvla.cli import COMMANDS
+
+    for command in COMMANDS:
+        assert command.describe_function, command.name
+        assert callable(getattr(importlib.import_module(command.module), command.describe_function, None)), command.name

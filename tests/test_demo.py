@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
+from muvla.cli import main
 from muvla.demo import (
     SAMPLE_IMAGES,
     DemoConfig,
@@ -34,7 +36,8 @@ def test_held_out_captions_name_the_sample_images_by_file_stem() -> None:
 
 
 @pytest.mark.slow
-def test_demo_runs_every_stage_and_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_runs_every_stage_and_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
     import muvla.tasks.image_text_retrieval as retrieval_task
 
     bars: list[str] = []
@@ -65,3 +68,12 @@ def test_demo_runs_every_stage_and_reports(tmp_path: Path, monkeypatch: pytest.M
     page = Path(result["report"]).read_text(encoding="utf-8")
     assert "Evaluation" in page and "training curves" in page and "chelsea" in page
     assert json.loads((out / "evaluation" / "retrieval_muvla" / "summary.json").read_text())["task"] == "retrieval"
+
+    # its config.yaml reruns the same demo: every step is recognised as up to date, nothing retrains
+    model = out / "pretrain" / "model" / "model.safetensors"
+    stamp = model.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="muvla.corpus.provenance"):
+        assert main(["demo", "--config", str(out / "demo" / "config.yaml")]) == 0
+    for step in ("regions", "text", "retrieval", "phrases", "pretrain", "evaluate"):
+        assert f"{step}: up to date (same settings and inputs)" in caplog.text, step
+    assert model.stat().st_mtime_ns == stamp

@@ -247,3 +247,21 @@ def _pretrain(cfg: PretrainConfig, start: StageStart, layout: CorpusLayout | Non
     if dist.is_main:
         model.save_pretrained(model_dir, tokenizer=tokenizer)
     return to_dict(summary)
+
+
+def describe(summary: dict[str, Any]) -> list[str]:
+    """The few lines ``muvla pretrain`` prints at the end (details in summary.json)."""
+    reused = " (reused: same settings and corpus)" if summary.get("reused") else ""
+    train = summary.get("train") or {}
+    if not train:
+        return [f"pretrain [{summary.get('mode')}]: model saved to {summary.get('model')}{reused}"]
+    loss = train.get("final_loss")
+    loss_text = f"{loss:.3f}" if isinstance(loss, (int, float)) else "n/a"
+    lines = [f"pretrain [{summary.get('mode')}, {'+'.join(summary.get('tasks', []))}]: {train.get('steps')} steps, "
+             f"final loss {loss_text}, {train.get('precision')} on {train.get('device')}{reused}",
+             f"  model: {summary.get('model')}"]
+    if train.get("resumed_from"):
+        lines.append(f"  resumed from {train['resumed_from']}")
+    if summary.get("training_curves"):
+        lines.append(f"  training curves: {summary['training_curves']}")
+    return lines

@@ -250,3 +250,15 @@ def _evaluate(cfg: EvaluateConfig, spec: TaskSpec, regions_root: Path, results_p
             **{k: v for k, v in written.items() if k != "results"},
             "metrics": evaluation.metrics, "load_report": report.to_dict(),
             "results": written["results"], "predictions": str(pred_path)}
+
+
+def describe(summary: dict[str, Any]) -> list[str]:
+    """The few lines ``muvla evaluate`` prints at the end (details in summary.json)."""
+    reused = " (reused: same settings, model and data)" if summary.get("reused") else ""
+    metrics = summary.get("metrics") or {}
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))[:200]
+    lines = [f"evaluate [{summary.get('task')}/{summary.get('split')}] {summary.get('model')}{reused}",
+             f"  {shown or 'no labels: predictions only'}", f"  predictions: {summary.get('predictions')}"]
+    if summary.get("results"):
+        lines.append(f"  results: {summary['results']}")
+    return lines

@@ -218,3 +218,16 @@ def _finetune(cfg: FinetuneConfig, start: StageStart) -> dict[str, Any]:
         reports.append(val_report)
     merge_reports(reports).write_rejected(out / "rejected.jsonl")
     return summary
+
+
+def describe(summary: dict[str, Any]) -> list[str]:
+    """The few lines ``muvla finetune`` prints at the end (details in summary.json)."""
+    reused = " (reused: same settings and inputs)" if summary.get("reused") else ""
+    train = summary.get("train") or {}
+    lines = [f"finetune [{summary.get('task')}]: {train.get('steps')} steps on {summary.get('train_examples')} "
+             f"examples{reused}", f"  model: {summary.get('model_dir')}"]
+    metrics = summary.get("val_metrics")
+    if metrics:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))[:200]
+        lines.append(f"  validation: {shown}")
+    return lines
