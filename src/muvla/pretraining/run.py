@@ -46,6 +46,7 @@ from muvla.utils.config import (
     setting,
     to_dict,
 )
+from muvla.utils.device import resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         inputs.update(check_corpus(cfg, layout).digests)
     sources = {"init": cfg.init, "corpus": cfg.corpus, "retrieval": cfg.retrieval, "phrases": cfg.phrases}
     settings = output_settings(cfg, exclude=("corpus", "retrieval", "phrases", "init"))
+    settings["precision"] = resolve_precision(cfg.precision, dist.device)  # what auto means here is recorded
     model_dir = out / "model"
     step = Step("pretrain", out, settings, inputs, [model_dir / "config.json", model_dir / "model.safetensors"], cfg,
                 sources=sources, work=[out / "checkpoints", model_dir, out / "metrics.jsonl", out / "tensorboard",

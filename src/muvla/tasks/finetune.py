@@ -43,7 +43,13 @@ from muvla.tasks.spec import DataOptions, EvalOptions, ReadOptions, TaskSpec
 from muvla.tasks.vocab import AnswerVocab
 from muvla.training import SCHEDULE_SETTINGS, TrainConfig, Trainer, TrainerSettings
 from muvla.utils.config import ConfigError, check_max_text_len, output_settings, setting
-from muvla.utils.device import NUM_THREADS_HELP, check_num_threads, torch_num_threads
+from muvla.utils.device import (
+    NUM_THREADS_HELP,
+    check_num_threads,
+    pick_device,
+    resolve_precision,
+    torch_num_threads,
+)
 from muvla.utils.shards import resolve_shard
 
 logger = logging.getLogger(__name__)
@@ -176,9 +182,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         inputs["answer_vocab"] = digest_file(Path(cfg.answer_vocab))
     model_dir = out / "model"
     outputs = [model_dir / "task.json", model_dir / HEAD_WEIGHTS] + ([out / "results.json"] if cfg.val else [])
-    step = Step("finetune", out, output_settings(cfg, exclude=("train", "val", "regions", "model", "images",
-                                                                "answer_vocab")),
-                inputs, outputs, cfg,
+    settings = output_settings(cfg, exclude=("train", "val", "regions", "model", "images", "answer_vocab"))
+    settings["precision"] = resolve_precision(cfg.precision, pick_device(cfg.device))  # what auto means here
+    step = Step("finetune", out, settings, inputs, outputs, cfg,
                 sources={"train": cfg.train, "val": cfg.val, "regions": cfg.regions, "model": cfg.model,
                          "answer_vocab": cfg.answer_vocab},
                 work=[out / "checkpoints", model_dir, out / "metrics.jsonl", out / "training_curves.png",

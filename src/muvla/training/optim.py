@@ -1,13 +1,10 @@
-"""Optimisation pieces: AdamW parameter groups, the warm-up/decay schedule, the precision choice."""
+"""Optimisation pieces: AdamW parameter groups and the warm-up/decay schedule."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
-
-from muvla.utils.config import ConfigError
 
 
 def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -41,14 +38,3 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         raise ValueError("the model has no trainable parameters")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> fp32 on CPU, bf16 on CUDA when supported (else fp16); fp16 needs CUDA."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
-    return precision

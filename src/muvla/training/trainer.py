@@ -47,15 +47,12 @@ from muvla.training.distributed import (
     broadcast_object,
     init_distributed,
 )
-from muvla.training.optim import linear_warmup_decay, param_groups, resolve_precision
+from muvla.training.optim import linear_warmup_decay, param_groups
 from muvla.training.sampler import BatchKey, KeyedBatches, ResumableDistributedSampler, passthrough
 from muvla.utils.config import ConfigError, check_choices, setting, to_dict
-from muvla.utils.device import DEVICES
+from muvla.utils.device import DEVICES, PRECISION_HELP, PRECISIONS, resolve_precision
 from muvla.utils.progress import progress
 from muvla.utils.shards import atomic_file, clean_stale_tmp
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
 
 # --------------------------------------------------------------------------------------------------
 # config and step protocol
@@ -84,8 +81,7 @@ class TrainerSettings:
     eps: float = setting(1e-6, help="AdamW epsilon")
     warmup_ratio: float = setting(0.1, help="fraction of the steps with a linear learning-rate warm-up")
     max_grad_norm: float = setting(5.0, help="gradient clipping norm; <= 0 disables clipping (the norm is still logged)")
-    precision: str = setting("auto", choices=PRECISIONS,
-                             help="auto: fp32 on CPU, bf16 on CUDA when supported (else fp16)")
+    precision: str = setting("auto", choices=PRECISIONS, help=PRECISION_HELP)
     device: str = setting("auto", choices=DEVICES, help="auto: this rank's GPU when CUDA is available, else CPU",
                           runtime=True)
     seed: int = setting(42, help="seed of the data order, masking and initialisation")
