@@ -41,7 +41,7 @@ def write_job(tmp_path: Path, name: str, out: Path, n: int, noise: float = 0.1, 
     script = tmp_path / "ddp_job.py"
     script.write_text(SCRIPT)
     base = dict(out=str(out), batch_size=4, lr=1e-2, log_every=1, save_every=1000, tensorboard=False,
-                plot=False, device="cpu", seed=3)
+                plot=False, device="cpu", seed=3, precision="fp32")  # compared to float tolerance
     base.update(cfg)
     spec = tmp_path / f"{name}.json"
     spec.write_text(json.dumps({"n": n, "cfg": base, "noise": noise, "dropout": dropout,
@@ -79,7 +79,7 @@ def test_ddp_disjoint_shards_identical_params_and_single_process_match(tmp_path)
     # with batch 8, so losses and weights match up to floating-point reduction order.
     single = Trainer(make_model(seed=0, unused_head=True), ToyDataset(n=32), ToyCollate(0.0),
                      TrainConfig(out=tmp_path / "single", max_steps=4, batch_size=8, lr=1e-2, log_every=1,
-                                 tensorboard=False, plot=False, device="cpu", seed=3))
+                                 tensorboard=False, plot=False, device="cpu", seed=3, precision="fp32"))
     single.train()
     assert [sorted(per_step[0][s] + per_step[1][s]) for s in range(4)] == \
         [sorted(b) for b in single.model.seen_indices]

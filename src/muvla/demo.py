@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from muvla.corpus.provenance import OutputPolicy, write_summary
-from muvla.utils.config import ConfigError, save_config, setting
+from muvla.utils.config import ConfigError, check_choices, save_config, setting
+from muvla.utils.device import PRECISION_HELP, PRECISIONS
 
 # skimage.data loaders that ship inside the wheel (no pooch download); colour photos first.
 SAMPLE_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "hubble_deep_field",
@@ -67,8 +68,10 @@ class DemoConfig(OutputPolicy):
     pretrain_steps: int = setting(40, help="pre-training steps on the demo corpus (0 = skip pre-training)")
     batch_size: int = setting(8, help="pre-training batch size")
     lr: float = setting(1e-4, help="pre-training learning rate")
+    precision: str = setting("auto", choices=PRECISIONS, help=PRECISION_HELP)
 
     def validate(self) -> None:
+        check_choices(self, "demo")
         if self.max_regions < 2:
             raise ConfigError("max_regions must be >= 2")
         if self.pretrain_steps < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -145,7 +148,8 @@ def _pretrain(cfg: DemoConfig, out: Path) -> dict:
 
     pcfg = PretrainConfig(out=out / "pretrain", corpus=out, max_steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
                           lr=cfg.lr, max_regions=cfg.max_regions, log_every=5, save_every=20,
-                          tensorboard=False, itm_loss_scale=MINILM_ITM_LOSS_SCALE, overwrite=cfg.overwrite)
+                          tensorboard=False, itm_loss_scale=MINILM_ITM_LOSS_SCALE, precision=cfg.precision,
+                          overwrite=cfg.overwrite)
     summary = run_pretrain(pcfg)
     train = summary.get("train", {})
     return {"model": summary.get("model"), "steps": train.get("steps"), "final_loss": train.get("final_loss"),

@@ -14,6 +14,7 @@ from muvla.pretraining.run import PretrainConfig
 from muvla.regions.stage import RegionsSettings
 from muvla.retrieval.stage import RetrievalSettings
 from muvla.utils.config import ConfigError, check_choices, check_max_text_len, from_dict, setting
+from muvla.utils.device import PRECISION_HELP, PRECISIONS
 
 TEXT_SETTINGS = ("cc", "bc")
 DEFAULT_MODELS = ("base", "joint_unaligned", "muvla", "aligned")
@@ -73,6 +74,8 @@ class ExperimentConfig(OutputPolicy):
                                        help="pre-training settings shared by every model (any muvla pretrain setting, "
                                             "e.g. --set pretrain.max_steps=300)")
     evaluation: EvaluationSettings = setting(default_factory=EvaluationSettings, help="evaluation settings")
+    precision: str = setting("auto", choices=PRECISIONS, help=PRECISION_HELP + "; pre-training, zero-shot scoring "
+                                                                               "and the probe alike")
     report: bool = setting(True, help="write report.html at the end", runtime=True)
 
     def validate(self) -> None:
@@ -101,12 +104,13 @@ class ExperimentConfig(OutputPolicy):
     def pretrain_config(self, model: str, out: Path, corpus: Path | None, seed: int) -> PretrainConfig:
         """The pre-training config of one compared model: the shared settings + the recipe."""
         recipe = RECIPES[model]
-        reserved = {"out", "corpus", "mode", "tasks", "k", "seed", "retrieval", "phrases", "resume", "overwrite"}
+        reserved = {"out", "corpus", "mode", "tasks", "k", "seed", "retrieval", "phrases", "resume", "overwrite",
+                    "precision"}
         clash = sorted(reserved & set(self.pretrain))
         if clash:
             raise ConfigError(f"experiment: pretrain.{clash[0]} is set by the experiment for each model")
         values = {**self.pretrain, "out": out, "corpus": corpus, "mode": recipe.mode, "tasks": list(recipe.tasks),
-                  "k": recipe.k, "seed": seed, "overwrite": self.overwrite}
+                  "k": recipe.k, "seed": seed, "overwrite": self.overwrite, "precision": self.precision}
         return from_dict(PretrainConfig, values, where="pretrain")
 
     def section_values(self, section: Any) -> dict[str, Any]:

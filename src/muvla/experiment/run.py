@@ -304,7 +304,7 @@ def probe_model(cfg: ExperimentConfig, layout: ExperimentLayout, model: str, see
                           max_steps=max(ev.probe_steps, 1), batch_size=ev.probe_batch_size, lr=ev.probe_lr, seed=seed,
                           max_text_len=ev.max_text_len, eval_batch_size=ev.batch_size, model_name=model, plot=False,
                           save_every=max(ev.probe_steps, 1), log_every=max(1, ev.probe_steps // 5), device="auto",
-                          overwrite=cfg.overwrite)
+                          precision=cfg.precision, overwrite=cfg.overwrite)
     return run_finetune(fcfg)
 
 
