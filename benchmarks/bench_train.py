@@ -1,6 +1,7 @@
-"""Training-step benchmark: our model vs a naive HuggingFace-BERT reference, plus the data loader alone.
+"""Training-step benchmark: our model vs HuggingFace-BERT references, bf16, the machine's peak, compile.
 
-    python benchmarks/bench_train.py [--sizes minilm bert-base] [--steps 3] [--device cpu|cuda]
+    python benchmarks/bench_train.py [--sizes minilm bert-base] [--steps 3] [--device cpu|cuda] \
+        [--compile-steps 20] [--json runs/bench_train.json]
 
 One optimisation step = forward + backward + AdamW step of one pre-training pass over
 [CLS] 34 text tokens [SEP] + 50 regions (batch 32): MLM on 15% of the tokens, MRC + MRFR on 15% of
@@ -12,6 +13,20 @@ implementation does. Weights are copied so both compute the same loss (checked i
 printed). Steps of the two are measured ALTERNATELY in the same process (median samples/s), so
 machine load affects both equally. Peak memory: CUDA max allocated, or on CPU the peak resident
 memory above the pre-step level, sampled every 2 ms during the step.
+
+Two references, measured side by side: the naive one above (``reference``), and a fair one
+(``reference_masked``) that computes every head only at the labelled positions, as ours does, so
+the ratio against it is the encoder's alone. ``ours_bf16`` is our model under bf16 autocast (fp32
+weights and losses), timed in the same alternation when the CPU computes bf16 natively (or on CUDA).
+
+How close to the machine's limit: the matmul FLOPs of one step (forward + backward, counted by
+``torch.utils.flop_counter``) divided by its median time, against this machine's dense matmul peak
+measured in the same run (square ``--peak-size`` matrices, fp32 and bf16).
+
+``--compile-steps N``: the real pre-training step (``PretrainObjectives``: R-T, R-N and I-S with the
+curriculum, the bundled MiniLM, a synthetic corpus of the same sizes) eager vs ``torch.compile``
+(inductor) of the encoder, on the same N batches: compile time, steady samples/s and the loss of
+every step of both (they must agree to float tolerance before compile is worth a setting).
 
 Loader: ``PretrainDataset`` + ``PretrainCollator`` (reading a memory-mapped region store, choosing
 sentences, all R-T / R-N / I-S masking) on a synthetic corpus of the same sizes, in one process;
@@ -41,6 +56,7 @@ sys.path.insert(0, str(REPO / "src"))
 from muvla.model import Model, ModelConfig  # noqa: E402
 from muvla.model.losses import ITMLoss, MLMLoss, MRCLoss, MRFRLoss  # noqa: E402
 from muvla.model.modeling import bert_key_map  # noqa: E402
+from muvla.training.trainer import move_to_device  # noqa: E402
 
 SIZES = {"minilm": ModelConfig.minilm, "bert-base": ModelConfig.bert_base}
 
@@ -130,6 +146,70 @@ class Reference(nn.Module):
         return mlm + mrc + mrfr + itm
 
 
+class ReferenceMasked(Reference):
+    """The fair reference: HuggingFace's encoder, every head only at the labelled positions (as ours)."""
+
+    def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        e = self.embeddings
+        x = torch.cat([e.text(b["input_ids"], None, None, None),
+                       e.regions(b["region_features"], b["region_positions"])], 1)
+        mask2d = torch.cat([b["attention_mask"], b["region_mask"]], 1).long()
+        mask = create_bidirectional_mask(config=self.bert.config, inputs_embeds=x, attention_mask=mask2d)
+        h = self.bert.encoder(x, attention_mask=mask).last_hidden_state
+        pooled = self.bert.pooler(h)
+        L = b["input_ids"].shape[1]
+        text, regions = h[:, :L], h[:, L:]
+        labels, rm = b["mlm_labels"], b["region_masked"]
+        sel = labels != -100
+        mlm = F.cross_entropy(self.mlm_head(text[sel]).float(), labels[sel])
+        mrc = F.cross_entropy(self.mrc_head(regions[rm]).float(), b["class_ids"][rm])
+        mrfr = (self.mrfr_head(regions[rm]).float() - b["original_features"][rm]).pow(2).mean()
+        itm = F.binary_cross_entropy_with_logits(self.itm_head(pooled).float(), b["itm_labels"])
+        return mlm + mrc + mrfr + itm
+
+
+class Autocast(nn.Module):
+    """A net's forward under bf16 autocast (fp32 weights; the losses are computed in fp32)."""
+
+    def __init__(self, net: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.net, self.device_type = net, device.type
+
+    def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.net(b).float()
+
+
+def step_flops(net: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Matmul FLOPs of one forward + backward (torch's flop counter: mm, bmm, addmm, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        net(batch).backward()
+    net.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(device: torch.device, n: int, dtype: torch.dtype, reps: int = 8) -> float:
+    """Dense matmul GFLOP/s of this machine now (median of ``reps`` products of n x n matrices)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for i in range(reps + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
 class PeakSampler:
     """Peak memory of a code block: CUDA max allocated, or sampled RSS above the starting level on CPU."""
 
@@ -185,33 +265,108 @@ def step(net: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tens
     return time.perf_counter() - t0
 
 
-def bench_size(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+def bench_size(name: str, args: argparse.Namespace, device: torch.device, bf16: bool) -> dict:
     torch.manual_seed(0)
     cfg = SIZES[name](region_feature_dim=args.feature_dim, num_region_classes=args.classes)
     model = Model(cfg)
-    ours, ref = Ours(model).to(device), Reference(model).to(device)
+    nets: dict[str, nn.Module] = {"ours": Ours(model).to(device), "reference": Reference(model).to(device),
+                                  "reference_masked": ReferenceMasked(model).to(device)}
+    if bf16:
+        nets["ours_bf16"] = Autocast(Ours(copy.deepcopy(model)).to(device), device)
     batch = {k: v.to(device) for k, v in make_batch(cfg, args.batch, args.text_len, args.regions).items()}
-    ours.eval(), ref.eval()
-    with torch.no_grad():
-        loss_ours, loss_ref = float(ours(batch)), float(ref(batch))
-    ours.train(), ref.train()
-    opts = {"ours": torch.optim.AdamW(ours.parameters(), lr=1e-5), "reference": torch.optim.AdamW(ref.parameters(), lr=1e-5)}
-    nets = {"ours": ours, "reference": ref}
-    times: dict[str, list[float]] = {"ours": [], "reference": []}
-    peaks: dict[str, float] = {"ours": 0.0, "reference": 0.0}
+    losses = {}
+    for key, net in nets.items():
+        net.eval()
+        with torch.no_grad():
+            losses[key] = float(net(batch))
+        net.train()
+    flops = {key: step_flops(net, batch) for key, net in nets.items()}
+    opts = {key: torch.optim.AdamW(net.parameters(), lr=1e-5) for key, net in nets.items()}
+    times: dict[str, list[float]] = {key: [] for key in nets}
+    peaks: dict[str, float] = dict.fromkeys(nets, 0.0)
+    order = list(nets)
     for i in range(args.warmup + args.steps):
-        for key in (("ours", "reference") if i % 2 == 0 else ("reference", "ours")):  # alternate the order too
+        for key in (order if i % 2 == 0 else order[::-1]):  # alternate the order too
             with PeakSampler(device) as mem:
                 t = step(nets[key], opts[key], batch, device)
             peaks[key] = max(peaks[key], mem.peak_mb)
             if i >= args.warmup:
                 times[key].append(t)
-    sps = {k: args.batch / statistics.median(v) for k, v in times.items()}
-    return {"size": name, "parameters": model.num_parameters(), "loss_ours": loss_ours, "loss_reference": loss_ref,
-            "samples_per_s_ours": sps["ours"], "samples_per_s_reference": sps["reference"],
-            "ratio_ours_over_reference": sps["ours"] / sps["reference"],
-            "peak_step_mem_mb_ours": peaks["ours"], "peak_step_mem_mb_reference": peaks["reference"],
-            "step_times_ours": times["ours"], "step_times_reference": times["reference"]}
+    median = {k: statistics.median(v) for k, v in times.items()}
+    sps = {k: args.batch / t for k, t in median.items()}
+    result = {"size": name, "parameters": model.num_parameters(), "losses_eval": losses,
+              "samples_per_s": sps, "step_flops": flops,
+              "achieved_gflops": {k: flops[k] / median[k] / 1e9 for k in nets},
+              "ratio_ours_over_reference": sps["ours"] / sps["reference"],
+              "ratio_ours_over_reference_masked": sps["ours"] / sps["reference_masked"],
+              "peak_step_mem_mb": peaks, "step_times": times}
+    if bf16:
+        result["ratio_bf16_over_fp32"] = sps["ours_bf16"] / sps["ours"]
+    return result
+
+
+def bench_compile(args: argparse.Namespace, device: torch.device) -> dict:
+    """The real pre-training step, eager vs torch.compile of the encoder, on the same batches."""
+    from muvla.corpus.synthetic import write_synthetic_corpus
+    from muvla.encoders import load_wordpiece_tokenizer
+    from muvla.pretraining.data import PretrainCollator, PretrainCorpus, PretrainDataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_synthetic_corpus(Path(tmp) / "corpus", num_images=args.batch * (args.compile_steps + 2),
+                                      feature_dim=args.feature_dim, regions_per_image=args.regions)
+        corpus = PretrainCorpus(root, load_wordpiece_tokenizer("default"), max_text_len=args.text_len,
+                                max_regions=args.regions)
+        ds, collate = PretrainDataset(corpus), PretrainCollator(corpus)
+        num_classes = len(corpus.store.classes) or None
+        torch.manual_seed(0)
+        batches = [collate([ds[(j * args.batch + i) % len(ds)] for i in range(args.batch)])
+                   for j in range(args.compile_steps)]
+    runs: dict[str, dict] = {}
+    for mode in ("eager", "compiled"):
+        try:
+            runs[mode] = _real_steps(args, device, num_classes, batches, compiled=mode == "compiled")
+        # inductor's failures are open-ended (a shape it cannot reason about, a missing compiler); the
+        # benchmark reports one instead of stopping
+        except Exception as err:  # noqa: BLE001
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            print(f"real step [{mode}]: failed: {type(err).__name__}: {first}", flush=True)
+            return {"runs": runs, "compiled_failed": f"{type(err).__name__}: {first}", "steps": args.compile_steps}
+    diff = [abs(a - b) / max(abs(a), 1e-8) for a, b in zip(runs["eager"]["losses"], runs["compiled"]["losses"])]
+    return {"runs": runs, "ratio_compiled_over_eager": runs["compiled"]["samples_per_s"] / runs["eager"]["samples_per_s"],
+            "compile_overhead_s": runs["compiled"]["first_step_s"] - runs["eager"]["first_step_s"],
+            "max_relative_loss_difference": max(diff), "steps": args.compile_steps}
+
+
+def _real_steps(args: argparse.Namespace, device: torch.device, num_classes: int | None, batches: list,
+                compiled: bool) -> dict:
+    """Train ``len(batches)`` real pre-training steps from the same initialisation; losses and times."""
+    from muvla.pretraining.objectives import TASKS, PretrainObjectives
+
+    mode = "compiled" if compiled else "eager"
+    torch.manual_seed(0)
+    # dropout off: eager and compiled code draw different random masks, which would hide whether the
+    # arithmetic agrees (with dropout the curves differ by the masks alone)
+    model = Model.from_bert("default", region_feature_dim=args.feature_dim, num_region_classes=num_classes,
+                            hidden_dropout=0.0, attention_dropout=0.0).to(device)
+    objectives = PretrainObjectives(model, TASKS, "muvla", warmup_samples=args.batch * args.compile_steps // 2,
+                                    itm_loss_scale=10.0).to(device)
+    if compiled:
+        model.encoder = torch.compile(model.encoder)
+    opt = torch.optim.AdamW(objectives.parameters(), lr=1e-4)
+    losses, times = [], []
+    for b in batches:
+        if device.type == "cuda":
+            b = move_to_device(b, device)
+        t0 = time.perf_counter()
+        out = objectives(b)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        losses.append(float(out.loss.detach()))
+    steady = statistics.median(times[2:]) if len(times) > 3 else statistics.median(times)
+    print(f"real step [{mode}]: first step {times[0]:.1f} s, then {args.batch / steady:.2f} samples/s", flush=True)
+    return {"losses": losses, "step_times": times, "first_step_s": times[0], "samples_per_s": args.batch / steady}
 
 
 def bench_loader(args: argparse.Namespace) -> dict:
@@ -259,25 +414,50 @@ def main() -> None:
     p.add_argument("--loader-batches", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--peak-size", type=int, default=2048, help="side of the matrices of the matmul peak")
+    p.add_argument("--compile-steps", type=int, default=0, help="real pre-training steps, eager vs compiled (0 = skip)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    from muvla.utils.device import cpu_has_native_bf16
+
+    bf16 = device.type == "cuda" or cpu_has_native_bf16()
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, "
-          f"text {args.text_len} + regions {args.regions}", flush=True)
-    results = {"loader": bench_loader(args), "sizes": []}
+          f"text {args.text_len} + regions {args.regions}, native bf16 {bf16}, load {os.getloadavg()}", flush=True)
+    peak = {"fp32": matmul_peak(device, args.peak_size, torch.float32)}
+    if bf16:
+        peak["bf16"] = matmul_peak(device, args.peak_size, torch.bfloat16)
+    print("dense matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()), flush=True)
+    results = {"command": " ".join(sys.argv), "load_average": os.getloadavg(), "matmul_peak_gflops": peak,
+               "loader": bench_loader(args), "sizes": []}
     print(f"loader: {results['loader']['loader_samples_per_s']:.1f} samples/s", flush=True)
     for name in args.sizes:
-        r = bench_size(name, args, device)
+        r = bench_size(name, args, device, bf16)
         results["sizes"].append(r)
-        loader_x = results["loader"]["loader_samples_per_s"] / r["samples_per_s_ours"]
-        r["loader_over_step"] = loader_x
-        print(f"{name:9s} params {r['parameters'] / 1e6:6.1f}M  loss ours {r['loss_ours']:.4f} ref {r['loss_reference']:.4f}  "
-              f"samples/s ours {r['samples_per_s_ours']:7.2f} ref {r['samples_per_s_reference']:7.2f}  "
-              f"ratio ours/ref {r['ratio_ours_over_reference']:.2f}  peak step MB ours {r['peak_step_mem_mb_ours']:.0f} "
-              f"ref {r['peak_step_mem_mb_reference']:.0f}  loader/step {loader_x:.1f}x", flush=True)
+        r["loader_over_step"] = results["loader"]["loader_samples_per_s"] / r["samples_per_s"]["ours"]
+        r["fraction_of_peak"] = {k: g / peak["bf16" if k.endswith("bf16") else "fp32"]
+                                 for k, g in r["achieved_gflops"].items()}
+        sps = r["samples_per_s"]
+        print(f"{name:9s} params {r['parameters'] / 1e6:6.1f}M  eval loss ours {r['losses_eval']['ours']:.4f} "
+              f"ref {r['losses_eval']['reference']:.4f} ref-masked {r['losses_eval']['reference_masked']:.4f}", flush=True)
+        for key in sps:
+            print(f"  {key:17s} {sps[key]:7.2f} samples/s  {r['achieved_gflops'][key]:6.1f} GFLOP/s "
+                  f"({100 * r['fraction_of_peak'][key]:.0f}% of peak)  peak step {r['peak_step_mem_mb'][key]:.0f} MB",
+                  flush=True)
+        print(f"  ours / reference {r['ratio_ours_over_reference']:.2f} (naive: full-vocabulary MLM everywhere), "
+              f"ours / reference_masked {r['ratio_ours_over_reference_masked']:.2f} (fair)"
+              + (f", bf16 / fp32 {r['ratio_bf16_over_fp32']:.2f}" if bf16 else "")
+              + f", loader/step {r['loader_over_step']:.1f}x", flush=True)
+    if args.compile_steps:
+        results["compile"] = bench_compile(args, device)
+        c = results["compile"]
+        print(f"torch.compile on the real step: x{c['ratio_compiled_over_eager']:.2f} samples/s after "
+              f"{c['compile_overhead_s']:.0f} s of compiling; loss max relative difference "
+              f"{c['max_relative_loss_difference']:.2e}", flush=True)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
 
 
