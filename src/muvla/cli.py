@@ -295,8 +295,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"muvla {command.name}: unexpected error: {type(err).__name__}: {err} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        _leave_process_group()
     _print_summary(command, module, summary)
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: leave the process group the command joined, if any, before the interpreter exits.
+
+    Without a barrier: a finished rank has completed all its collectives, a failed one must not wait
+    for the others, and some commands let ranks > 0 end while rank 0 still writes results (experiment).
+    """
+    distributed = sys.modules.get("muvla.training.distributed")  # imported only by commands that may join one
+    if distributed is not None:
+        distributed.cleanup_distributed(wait_for_all=False)
 
 
 if __name__ == "__main__":

@@ -470,6 +470,7 @@ class Trainer:
                 if self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
                     self.save_checkpoint()
         finally:
+            stream.close()  # ends the DataLoader iterator now (its worker processes, if any), not at exit
             bar.close()
             if metrics_f is not None:
                 metrics_f.close()
