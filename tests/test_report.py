@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
+from conftest import require_or_skip
 from muvla.report import ReportError, write_report
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -238,10 +239,10 @@ def test_report_broken_region_row_is_a_card_note(tmp_path: Path) -> None:
 
 
 def screenshot(report: Path, tmp_path: Path, name: str, fragment: str = "") -> Image.Image:
-    """Headless Chromium screenshot of the report (skips when chromium is absent)."""
+    """Headless Chromium screenshot of the report (no chromium: skips, or fails under CI=true)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium not installed (apt-get install chromium)")
+    require_or_skip(chromium, "chromium", "apt-get install chromium")
+    assert chromium is not None
     shot = tmp_path / f"{name}.png"
     cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
