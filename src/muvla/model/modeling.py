@@ -221,16 +221,20 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.attention_dropout = cfg.attention_dropout
 
-    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor | None, query_rows: int | None = None
+                ) -> torch.Tensor:
+        """x [B, S, H] -> [B, Q, H]: every position attends (Q = S), or only the first ``query_rows``
+        positions do (keys and values are still the whole sequence). ``additive_mask`` None = no padding."""
         B, S, H = x.shape
 
         def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, S, hd]
+            return t.view(B, t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, S, hd]
 
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        queries = x if query_rows is None else x[:, :query_rows]
+        q, k, v = split(self.query(queries)), split(self.key(x)), split(self.value(x))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask,
                                            dropout_p=self.attention_dropout if self.training else 0.0)
-        return y.transpose(1, 2).reshape(B, S, H)
+        return y.transpose(1, 2).reshape(B, queries.shape[1], H)
 
 
 class Layer(nn.Module):
@@ -246,8 +250,14 @@ class Layer(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
-        x = self.attention_norm(x + self.dropout(self.attention_out(self.attention(x, additive_mask))))
+    def forward(self, x: torch.Tensor, additive_mask: torch.Tensor | None, query_rows: int | None = None
+                ) -> torch.Tensor:
+        """x [B, S, H] -> [B, S, H], or [B, query_rows, H]: the outputs of the first positions only
+        (the same numbers; scoring needs only [CLS] from the last layer)."""
+        attended = self.attention(x, additive_mask, query_rows)
+        if query_rows is not None:
+            x = x[:, :query_rows]
+        x = self.attention_norm(x + self.dropout(self.attention_out(attended)))
         return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
 
 
@@ -315,6 +325,19 @@ class Encoder(nn.Module):
         pooled = torch.tanh(self.pooler(x[:, 0]))
         return EncoderOutput(hidden_states=x, text_hidden=x[:, :L], region_hidden=x[:, L:L + R],
                              pooled=pooled, attention_mask=mask)
+
+    def pooled_from_embeddings(self, x: torch.Tensor, additive_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooled [CLS] state [B, H] of already embedded sequences x [B, S, H] (``forward``'s numbers).
+
+        For scoring (ITM) only: the last layer computes the [CLS] row alone, since no other row of it
+        reaches the pooler (~12% less work for MiniLM). ``additive_mask`` [B, 1, 1, S] as ``forward``
+        builds it; None when every position is real (batches without padding), which also lets SDPA
+        use its unmasked kernel.
+        """
+        for layer in self.layers[:-1]:
+            x = layer(x, additive_mask)
+        x = self.layers[-1](x, additive_mask, query_rows=1)
+        return torch.tanh(self.pooler(x[:, 0]))
 
 
 def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:

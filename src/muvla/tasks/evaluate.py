@@ -31,6 +31,7 @@ from muvla.corpus.provenance import (
     summary_path,
 )
 from muvla.corpus.region_store import RegionStore
+from muvla.retrieval.queries import QUERY_MODES
 from muvla.tasks.batch import DEFAULT_MAX_TEXT_LEN, has_regions_fn
 from muvla.tasks.files import LoadReport
 from muvla.tasks.model import (
@@ -44,10 +45,19 @@ from muvla.tasks.model import (
 )
 from muvla.tasks.registry import get_task, task_names
 from muvla.tasks.results import write_results
-from muvla.tasks.spec import EvalOptions, Evaluation, ReadOptions, TaskSpec
+from muvla.tasks.spec import DEFAULT_RERANK_QUERY, EvalOptions, Evaluation, ReadOptions, TaskSpec
 from muvla.tasks.vocab import AnswerVocab
 from muvla.utils.config import ConfigError, check_choices, check_max_text_len, output_settings, setting
-from muvla.utils.device import DEVICES, NUM_THREADS_HELP, check_num_threads, pick_device, torch_num_threads
+from muvla.utils.device import (
+    DEVICES,
+    NUM_THREADS_HELP,
+    PRECISION_HELP,
+    PRECISIONS,
+    check_num_threads,
+    pick_device,
+    resolve_precision,
+    torch_num_threads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +86,14 @@ class EvaluateConfig(OutputPolicy):
     device: str = setting("auto", choices=DEVICES, help="auto: CUDA when available, else CPU", runtime=True)
     model_name: str = setting("muvla", help="row name of this model in results.json and the Meta-Ave table")
     num_threads: int | None = setting(None, help=NUM_THREADS_HELP, runtime=True)
+    precision: str = setting("auto", choices=PRECISIONS, help=PRECISION_HELP + " (the resolved one is recorded)")
+    rerank_k: int = setting(0, help="retrieval: two-stage scoring; the ITM head re-scores only the top k captions per "
+                                    "image and top k images per caption of a Sentence-BERT first stage (the image's "
+                                    "tag query vs the caption); pairs outside a top k rank below every re-scored "
+                                    "one (0 = score every pair)")
+    rerank_query: str = setting(DEFAULT_RERANK_QUERY, choices=QUERY_MODES,
+                                help="retrieval, rerank_k > 0: the first stage's tag query, as the retrieval stage's "
+                                     "query_mode")
 
     def data_files(self) -> list[Path]:
         return [Path(self.captions)] if self.captions is not None else [Path(p) for p in self.data]
@@ -96,6 +114,8 @@ class EvaluateConfig(OutputPolicy):
         check_max_text_len(self.max_text_len)
         if self.max_images < 0 or self.max_captions_per_image < 0:
             raise ConfigError("max_images and max_captions_per_image must be >= 0 (0 = all)")
+        if self.rerank_k < 0:
+            raise ConfigError(f"rerank_k must be >= 0 (0 = score every pair), got {self.rerank_k}")
         check_num_threads(self.num_threads)
 
 
@@ -216,9 +236,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.answer_vocab is not None:
         inputs["answer_vocab"] = digest_file(Path(cfg.answer_vocab))
     pred_path = spec.prediction_path(folder, cfg.split)
-    step = Step("evaluate", folder, output_settings(cfg, exclude=("out", "data", "captions", "regions", "images",
-                                                                   "model", "answer_vocab")),
-                inputs, [pred_path, summary_path(folder)], cfg,
+    settings = output_settings(cfg, exclude=("out", "data", "captions", "regions", "images", "model", "answer_vocab"))
+    settings["precision"] = resolve_precision(cfg.precision, pick_device(cfg.device))  # what auto means here
+    if cfg.rerank_k == 0:
+        del settings["rerank_query"]  # no first stage: the query mode changes nothing
+    step = Step("evaluate", folder, settings, inputs, [pred_path, summary_path(folder)], cfg,
                 sources={"data": cfg.data_files(), "regions": regions_root, "model": cfg.model,
                          "answer_vocab": cfg.answer_vocab},
                 work=[results_path, folder / "rejected.jsonl"])
@@ -231,6 +253,7 @@ def _evaluate(cfg: EvaluateConfig, spec: TaskSpec, regions_root: Path, results_p
               folder: Path) -> dict[str, Any]:
     from muvla.encoders import load_wordpiece_tokenizer
     device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     store = RegionStore(regions_root)
     model, info, model_folder = _load_model(spec, cfg.model, store.feature_dim)
     cfg = dataclasses.replace(cfg, max_text_len=read_back_max_text_len(cfg.max_text_len, info))
@@ -240,13 +263,15 @@ def _evaluate(cfg: EvaluateConfig, spec: TaskSpec, regions_root: Path, results_p
     options = EvalOptions(store, load_wordpiece_tokenizer(tokenizer_source(cfg.model)), device,
                           batch_size=cfg.batch_size, max_text_len=int(cfg.max_text_len), vocab=vocab,
                           max_images=cfg.max_images, max_captions_per_image=cfg.max_captions_per_image,
-                          zero_shot=info is None, label=cfg.model_name)
+                          zero_shot=info is None, label=cfg.model_name, precision=precision,
+                          rerank_k=cfg.rerank_k, rerank_query=cfg.rerank_query)
     pred_path = spec.prediction_path(folder, cfg.split)
     evaluation = spec.score(model.to(device), examples, report, options, pred_path)
     written = _write_outputs(spec, cfg, evaluation, report, folder, results_path)
     logger.info("evaluate %s/%s: %s (%s)", spec.name, cfg.split, evaluation.metrics, report.summary())
     return {"task": spec.name, "split": cfg.split, "model": str(cfg.model),
-            "regions": str(regions_root), "device": str(device), "max_text_len": cfg.max_text_len,
+            "regions": str(regions_root), "device": str(device), "precision": precision,
+            "max_text_len": cfg.max_text_len, "scoring": evaluation.info,
             **{k: v for k, v in written.items() if k != "results"},
             "metrics": evaluation.metrics, "load_report": report.to_dict(),
             "results": written["results"], "predictions": str(pred_path)}
@@ -259,6 +284,11 @@ def describe(summary: dict[str, Any]) -> list[str]:
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))[:200]
     lines = [f"evaluate [{summary.get('task')}/{summary.get('split')}] {summary.get('model')}{reused}",
              f"  {shown or 'no labels: predictions only'}", f"  predictions: {summary.get('predictions')}"]
+    scoring = summary.get("scoring") or {}
+    if "pairs_scored" in scoring:
+        how = f"top {scoring['rerank_k']} re-scored" if scoring.get("rerank_k") else "every pair"
+        lines.append(f"  scored {scoring['pairs_scored']} pairs ({how}, {summary.get('precision')}) "
+                     f"in {scoring.get('scoring_s')} s")
     if summary.get("results"):
         lines.append(f"  results: {summary['results']}")
     return lines

@@ -141,13 +141,14 @@ def _read_train(cfg: FinetuneConfig, spec: TaskSpec, store: RegionStore, vocab: 
 
 
 def _validate_model(cfg: FinetuneConfig, spec: TaskSpec, model: TaskModel, store: RegionStore, tokenizer: Any,
-                    vocab: AnswerVocab | None, out: Path) -> tuple[dict[str, Any], LoadReport]:
-    """Score the validation files; write predictions and results.json. Returns (summary part, report)."""
+                    vocab: AnswerVocab | None, out: Path, precision: str) -> tuple[dict[str, Any], LoadReport]:
+    """Score the validation files (at the trainer's resolved ``precision``); write predictions and
+    results.json. Returns (summary part, report)."""
     read = ReadOptions(images=cfg.images, split=cfg.val_split, has_regions=has_regions_fn(store), vocab=vocab)
     examples, report = spec.load(cfg.val, read)
     options = EvalOptions(store, tokenizer, next(model.parameters()).device, batch_size=cfg.eval_batch_size,
                           max_text_len=cfg.max_text_len, vocab=vocab, max_images=cfg.max_val_images,
-                          label=f"{cfg.model_name} validation")
+                          label=f"{cfg.model_name} validation", precision=precision)
     pred_path = spec.prediction_path(out, "val")
     evaluation = spec.score(model, examples, report, options, pred_path)
     results = write_results(out / "results.json", cfg.model_name, spec.name, "val", evaluation.metrics)
@@ -219,7 +220,8 @@ def _finetune(cfg: FinetuneConfig, start: StageStart) -> dict[str, Any]:
         summary["steps_per_s"] = train_summary["steps"] / train_summary["wall_s"]
     reports = [train_report]
     if cfg.val:
-        val_summary, val_report = _validate_model(cfg, spec, model, store, tokenizer, vocab, out)
+        val_summary, val_report = _validate_model(cfg, spec, model, store, tokenizer, vocab, out,
+                                                  trainer.precision)
         summary.update(val_summary)
         reports.append(val_report)
     merge_reports(reports).write_rejected(out / "rejected.jsonl")

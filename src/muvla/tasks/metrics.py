@@ -46,18 +46,26 @@ def box_iou(a: np.ndarray | Sequence[float], b: np.ndarray | Sequence[float]) ->
     return iou.reshape(()) if single else iou
 
 
+def _float_scores(scores: np.ndarray) -> np.ndarray:
+    s = np.asarray(scores)
+    return s if np.issubdtype(s.dtype, np.floating) else s.astype(np.float64)
+
+
 def retrieval_ranks(scores: np.ndarray, text_to_image: np.ndarray | Sequence[int],
-                    chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+                    chunk: int = 1024, text_scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(i2t_rank [n_images], t2i_rank [n_texts]): 0-based rank of each image's best own text and of
     each text's own image, from a score matrix [n_images, n_texts].
 
     ``text_to_image[t]`` is the row (image) of text t. Ties rank the lower index first (as a stable
     sort would), so results are deterministic. Ranks are counted in row chunks instead of sorting, so
-    a 5k x 25k matrix needs no extra full-size copies.
+    a 5k x 25k matrix needs no extra full-size copies. ``text_scores`` (same shape): the matrix the
+    text->image ranks come from, when it differs (two-stage retrieval re-scores each direction's own
+    top k); default ``scores``.
     """
-    s = np.asarray(scores)
-    if not np.issubdtype(s.dtype, np.floating):
-        s = s.astype(np.float64)
+    s = _float_scores(scores)
+    ts = s if text_scores is None else _float_scores(text_scores)
+    if ts.shape != s.shape:
+        raise ValueError(f"retrieval_recall: text_scores has shape {ts.shape}, scores {s.shape}")
     t2i = np.asarray(text_to_image, dtype=np.int64)
     if s.ndim != 2:
         raise ValueError(f"retrieval_recall: scores must be [n_images, n_texts], got shape {s.shape}")
@@ -70,17 +78,19 @@ def retrieval_ranks(scores: np.ndarray, text_to_image: np.ndarray | Sequence[int
         raise ValueError(f"retrieval_recall: text_to_image holds rows outside 0..{n_images - 1}")
     if len(np.unique(t2i)) != n_images:
         raise ValueError("retrieval_recall: some image has no text (image->text recall undefined)")
-    if np.isnan(s).any():
+    if np.isnan(s).any() or (ts is not s and np.isnan(ts).any()):
         raise ValueError("retrieval_recall: scores contain NaN")
     cols = np.arange(n_texts)
-    true_score = s[t2i, cols]  # [n_texts] score of each text with its own image
+    true_score = ts[t2i, cols]  # [n_texts] score of each text with its own image
     t2i_rank = np.zeros(n_texts, dtype=np.int64)
     i2t_rank = np.zeros(n_images, dtype=np.int64)
     for start in range(0, n_images, chunk):
         block = s[start:start + chunk]  # [b, n_texts]
         rows = np.arange(start, start + len(block))
         # text -> image: images scoring above the true one, or equal with a lower index
-        t2i_rank += (block > true_score).sum(0) + ((block == true_score) & (rows[:, None] < t2i[None, :])).sum(0)
+        text_block = ts[start:start + chunk]
+        t2i_rank += (text_block > true_score).sum(0) + \
+            ((text_block == true_score) & (rows[:, None] < t2i[None, :])).sum(0)
         # image -> text: rank of the image's best own text (first one on ties)
         own = t2i[None, :] == rows[:, None]
         best = np.argmax(np.where(own, block, -np.inf), axis=1)
@@ -91,11 +101,11 @@ def retrieval_ranks(scores: np.ndarray, text_to_image: np.ndarray | Sequence[int
 
 
 def retrieval_recall(scores: np.ndarray, text_to_image: np.ndarray | Sequence[int],
-                     ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict:
-    """Recall@k both directions from a score matrix [n_images, n_texts] (see :func:`retrieval_ranks`);
-    an image counts as found (image->text) when any of its texts is in its top k. Returns i2t_r{k},
-    t2i_r{k}, rsum (sum of those, fractions) and mean_recall (their mean)."""
-    i2t_rank, t2i_rank = retrieval_ranks(scores, text_to_image, chunk)
+                     ks: Sequence[int] = (1, 5, 10), chunk: int = 1024, text_scores: np.ndarray | None = None) -> dict:
+    """Recall@k both directions from a score matrix [n_images, n_texts] (see :func:`retrieval_ranks`,
+    also for ``text_scores``); an image counts as found (image->text) when any of its texts is in its
+    top k. Returns i2t_r{k}, t2i_r{k}, rsum (sum of those, fractions) and mean_recall (their mean)."""
+    i2t_rank, t2i_rank = retrieval_ranks(scores, text_to_image, chunk, text_scores)
     out: dict[str, float] = {}
     for k in ks:
         out[f"i2t_r{k}"] = float(np.mean(i2t_rank < k))
@@ -107,11 +117,13 @@ def retrieval_recall(scores: np.ndarray, text_to_image: np.ndarray | Sequence[in
 
 
 def mean_recall_bootstrap(scores: np.ndarray, text_to_image: np.ndarray | Sequence[int],
-                          ks: Sequence[int] = (1, 5, 10), n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+                          ks: Sequence[int] = (1, 5, 10), n_boot: int = 2000, seed: int = 0,
+                          text_scores: np.ndarray | None = None) -> np.ndarray:
     """Mean recall of ``n_boot`` bootstrap resamples of the images (each image with all its texts;
-    the candidates stay the full set): [n_boot] values whose percentiles are a confidence interval."""
+    the candidates stay the full set): [n_boot] values whose percentiles are a confidence interval.
+    ``text_scores`` as in :func:`retrieval_ranks`."""
     t2i = np.asarray(text_to_image, dtype=np.int64)
-    i2t_rank, t2i_rank = retrieval_ranks(scores, t2i)
+    i2t_rank, t2i_rank = retrieval_ranks(scores, t2i, text_scores=text_scores)
     n_images = len(i2t_rank)
     image_hits = sum((i2t_rank < k).astype(np.float64) for k in ks)  # [n_images]
     text_hits = np.bincount(t2i, weights=sum((t2i_rank < k).astype(np.float64) for k in ks), minlength=n_images)

@@ -9,7 +9,7 @@ new module plus one line in ``muvla.tasks.registry.TASKS``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from muvla.tasks.files import HasRegions, LoadReport
 from muvla.tasks.model import HeadFactory, TaskModel
 from muvla.tasks.vocab import AnswerVocab
 from muvla.utils.config import ConfigError
+from muvla.utils.device import autocast
 from muvla.utils.progress import progress
 
 
@@ -45,6 +46,9 @@ class DataOptions:
     n_negatives: int = 1  # retrieval: random negative captions per positive
 
 
+DEFAULT_RERANK_QUERY = "salient"  # retrieval's first stage: the tag query mode (muvla.retrieval.queries)
+
+
 @dataclass(frozen=True)
 class EvalOptions:
     """How to score a split: inference settings plus the few a task may use."""
@@ -59,6 +63,9 @@ class EvalOptions:
     max_captions_per_image: int = 0  # retrieval: 0 = all
     zero_shot: bool = False  # the model was not fine-tuned on this task (retrieval through the ITM head)
     label: str = ""  # which model is scored, shown on the progress bar
+    precision: str = "fp32"  # resolved (fp32 | bf16 | fp16, muvla.utils.device.resolve_precision): forward autocast
+    rerank_k: int = 0  # retrieval: ITM re-scores the first stage's top k each way (0 = every pair)
+    rerank_query: str = DEFAULT_RERANK_QUERY  # retrieval: the first stage's tag query mode (retrieval.queries)
 
     def collator(self) -> TaskCollator:
         return TaskCollator(self.tokenizer, self.max_text_len)
@@ -71,6 +78,7 @@ class Evaluation:
 
     metrics: dict[str, Any]
     predictions: Any
+    info: dict[str, Any] = field(default_factory=dict)  # how it was scored (e.g. pairs, seconds); not metrics
 
 
 Reader = Callable[[Sequence[Path], ReadOptions], tuple[list[Any], LoadReport]]
@@ -173,7 +181,8 @@ def predict_dataset(model: TaskModel, dataset: Dataset, options: EvalOptions
     size = options.batch_size
     for start in progress(range(0, n, size), desc=f"evaluate {model.task}" + (f" [{options.label}]" if options.label else ""), total=(n + size - 1) // size):
         batch = collate([dataset[i] for i in range(start, min(n, start + size))])
-        out = model.predict(move_to_device(batch, options.device)).cpu()
+        with autocast(options.precision, options.device):
+            out = model.predict(move_to_device(batch, options.device)).cpu()
         keys += batch.keys
         preds += out.tolist()
         rows = batch.region_boxes.shape[0] // len(batch.keys)
