@@ -96,9 +96,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         result["pretrain"] = _pretrain(cfg, out)
         evaluation = out / "evaluation"
         result["zero_shot_retrieval"] = {
-            "base": _zero_shot(out, "default", evaluation / "retrieval_base", "base", cfg.overwrite),
+            "base": _zero_shot(out, "default", evaluation / "retrieval_base", "base", cfg.precision, cfg.overwrite),
             "muvla": _zero_shot(out, str(out / "pretrain" / "model"), evaluation / "retrieval_muvla", "muvla",
-                                cfg.overwrite),
+                                cfg.precision, cfg.overwrite),
         }
         result["comparison"] = compare_zero_shot(evaluation / "retrieval_base", evaluation / "retrieval_muvla")
         from muvla.tasks.table import run_table
@@ -156,13 +156,14 @@ def _pretrain(cfg: DemoConfig, out: Path) -> dict:
             "training_curves": train.get("training_curves"), "reused": bool(summary.get("reused"))}
 
 
-def _zero_shot(out: Path, model: str, eval_out: Path, name: str, overwrite: bool) -> dict:
+def _zero_shot(out: Path, model: str, eval_out: Path, name: str, precision: str, overwrite: bool) -> dict:
     """Mean recall (R@1/5/10 both ways) of the held-out demo captions scored by the ITM head, with its
     95% bootstrap interval over images."""
     from muvla.tasks.evaluate import EvaluateConfig, run_evaluate
 
     ecfg = EvaluateConfig(out=eval_out, task="retrieval", model=model, regions=out / "regions",
-                          captions=demo_eval_captions_path(), model_name=name, overwrite=overwrite)
+                          captions=demo_eval_captions_path(), model_name=name, precision=precision,
+                          overwrite=overwrite)
     metrics = run_evaluate(ecfg)["metrics"]
     keys = ("mean_recall", "mean_recall_ci_low", "mean_recall_ci_high", "n_images", "n_captions")
     return {k: metrics[k] for k in keys}

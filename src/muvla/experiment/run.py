@@ -289,7 +289,8 @@ def evaluate_model(cfg: ExperimentConfig, layout: ExperimentLayout, model: str, 
     ecfg = EvaluateConfig(out=layout.model(model, seed) / "zero_shot", task="retrieval",
                           model=str(layout.model(model, seed)), regions=layout.eval_regions,
                           captions=layout.captions("probe_test"), max_text_len=ev.max_text_len,
-                          batch_size=ev.batch_size, model_name=model, device="auto", overwrite=cfg.overwrite)
+                          batch_size=ev.batch_size, model_name=model, device="auto", precision=cfg.precision,
+                          overwrite=cfg.overwrite)
     return run_evaluate(ecfg)
 
 
