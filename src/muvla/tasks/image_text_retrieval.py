@@ -369,8 +369,9 @@ def score_pairs(model: TaskModel, inputs: ScoringInputs, rows: np.ndarray, cols:
     encoder = model.encoder.encoder
     device = inputs.region_embeddings.device
     with autocast(precision, device):
-        for start, stop in progress(batches, desc=desc or "", total=len(batches), enabled=desc is not None,
-                                    unit="batch"):
+        # a named bar of its own only when called alone (exhaustive scoring shows one bar over its blocks)
+        steps = progress(batches, desc=desc, total=len(batches), unit="batch") if desc is not None else batches
+        for start, stop in steps:
             idx = order[start:stop]
             x = _embed_pairs(model, inputs, rows[idx], cols[idx], text_lengths[idx], int(total[idx[0]]))
             scores[idx] = model.encoder.itm_head(encoder.pooled_from_embeddings(x)).float().cpu().numpy()
