@@ -122,7 +122,8 @@ class Reference(nn.Module):
         self.mlm_head, self.mrc_head, self.mrfr_head, self.itm_head = (copied.mlm_head, copied.mrc_head,
                                                                        copied.mrfr_head, copied.itm_head)
 
-    def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    def encode(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(text hidden [B, L, H], region hidden [B, R, H], pooled [B, H]) from HuggingFace's encoder."""
         from transformers.masking_utils import create_bidirectional_mask
 
         e = self.embeddings
@@ -131,9 +132,11 @@ class Reference(nn.Module):
         mask2d = torch.cat([b["attention_mask"], b["region_mask"]], 1).long()
         mask = create_bidirectional_mask(config=self.bert.config, inputs_embeds=x, attention_mask=mask2d)
         h = self.bert.encoder(x, attention_mask=mask).last_hidden_state
-        pooled = self.bert.pooler(h)
         L = b["input_ids"].shape[1]
-        text, regions = h[:, :L], h[:, L:]
+        return h[:, :L], h[:, L:], self.bert.pooler(h)
+
+    def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        text, regions, pooled = self.encode(b)
         logits = self.mlm_head(text)  # [B, L, V]: every position, as a naive implementation does
         mlm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b["mlm_labels"].reshape(-1), ignore_index=-100)
         rm = b["region_masked"]
@@ -150,17 +153,7 @@ class ReferenceMasked(Reference):
     """The fair reference: HuggingFace's encoder, every head only at the labelled positions (as ours)."""
 
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        from transformers.masking_utils import create_bidirectional_mask
-
-        e = self.embeddings
-        x = torch.cat([e.text(b["input_ids"], None, None, None),
-                       e.regions(b["region_features"], b["region_positions"])], 1)
-        mask2d = torch.cat([b["attention_mask"], b["region_mask"]], 1).long()
-        mask = create_bidirectional_mask(config=self.bert.config, inputs_embeds=x, attention_mask=mask2d)
-        h = self.bert.encoder(x, attention_mask=mask).last_hidden_state
-        pooled = self.bert.pooler(h)
-        L = b["input_ids"].shape[1]
-        text, regions = h[:, :L], h[:, L:]
+        text, regions, pooled = self.encode(b)
         labels, rm = b["mlm_labels"], b["region_masked"]
         sel = labels != -100
         mlm = F.cross_entropy(self.mlm_head(text[sel]).float(), labels[sel])

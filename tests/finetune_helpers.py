@@ -3,9 +3,7 @@ with the real WordPiece tokenizer, and tiny synthetic region stores."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,20 +13,10 @@ from muvla.corpus.region_store import ImageRegions
 from muvla.corpus.synthetic import write_region_store
 from muvla.encoders import default_sbert_path
 from muvla.model import Model, ModelConfig
+from muvla.utils.device import torch_num_threads as torch_threads  # noqa: F401 (the tests' name for it)
 
 FEATURE_DIM = 16
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Tiny models run far faster on one intra-op thread (no OpenMP spinning on busy shared cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def tiny_config(feature_dim: int = FEATURE_DIM) -> ModelConfig:
