@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from muvla.corpus.layout import CorpusLayout
@@ -30,8 +31,9 @@ def tiny_experiment(tmp_path: Path, **extra) -> ExperimentConfig:
         "pretrain": {"init": "random", "model": TINY_MODEL, "max_steps": 3, "batch_size": 4, "lr": 1e-3,
                      "log_every": 1, "save_every": 10, "tensorboard": False, "plot": False, "device": "cpu",
                      "max_text_len": 24, "max_regions": 4},
-        "evaluation": {"held_out": 0.4, "probe_fraction": 0.4, "probe_steps": 2, "probe_batch_size": 2,
-                       "max_text_len": 24},
+        "evaluation": {"held_out": 0.6, "probe_fraction": 0.25, "dev_fraction": 0.5, "captions_per_image": 2,
+                       "probe_steps": 2, "probe_batch_size": 2, "max_text_len": 24, "bootstrap": 200,
+                       "tuned": {"pretrain.lr": "dev of split seed 0 (a test of the record)"}},
         "report": True,
     }
     values.update(extra)
@@ -44,34 +46,54 @@ def test_tiny_experiment_writes_results_and_resumes(tmp_path: Path, one_thread) 
     summary = run_experiment(cfg)
     root = Path(cfg.out)
     split = json.loads((root / "split" / "split.json").read_text())
-    held = set(split["probe_train"]) | set(split["probe_test"])
-    assert held and not held & set(split["train"])  # held-out images never reach pre-training
+    parts = {part: set(split[part]) for part in ("train", "probe_train", "dev", "test")}
+    assert [len(parts[p]) for p in ("train", "probe_train", "dev", "test")] == [5, 2, 3, 3]
+    assert sum(map(len, parts.values())) == len(set().union(*parts.values()))  # disjoint: held-out never trains
     corpus = CorpusLayout.at(root / "corpora" / "retrieval")
     assert set(corpus.regions.store().image_ids) == set(split["train"])
     assert set(CorpusLayout.at(root / "corpora" / "random").retrieval.read_topk().image_id) <= set(split["train"])
 
     rows = list(csv.DictReader((root / "results.csv").open(encoding="utf-8")))
-    assert [(r["model"], r["seed"]) for r in rows] == [("joint_unaligned", "0"), ("muvla", "0")]
+    assert [(r["model"], r["split"], r["kind"]) for r in rows] == [
+        (m, part, kind) for m in ("joint_unaligned", "muvla") for kind in ("zero_shot", "probe") for part in ("dev", "test")]
+    # every number is recomputable from the raw per-image ranks (5 captions per image in a real run; 2 here)
+    images = list(csv.DictReader((root / "per_image.csv").open(encoding="utf-8")))
     for r in rows:
-        assert 0.0 <= float(r["zero_shot_mean_recall"]) <= 1.0 and 0.0 <= float(r["probe_mean_recall"]) <= 1.0
+        mine = [i for i in images if (i["model"], i["split"], i["kind"]) == (r["model"], r["split"], r["kind"])]
+        assert sorted(i["image_id"] for i in mine) == sorted(split[r["split"]])
+        t2i = [int(x) for i in mine for x in i["t2i_ranks"].split()]
+        assert len(t2i) == 2 * len(mine) == int(r["n_captions"])
+        i2t = [int(i["i2t_rank"]) for i in mine]
+        hand = (sum(np.mean([x < k for x in i2t]) for k in (1, 5, 10))
+                + sum(np.mean([x < k for x in t2i]) for k in (1, 5, 10))) / 6
+        assert float(r["mean_recall"]) == pytest.approx(hand)
+    gaps = list(csv.DictReader((root / "gaps.csv").open(encoding="utf-8")))
+    assert {(g["a"], g["b"], g["split"], g["kind"]) for g in gaps} == {
+        ("muvla", "joint_unaligned", part, kind) for part in ("dev", "test") for kind in ("zero_shot", "probe")}
+    for g in gaps:
+        assert float(g["low"]) <= float(g["gap"]) <= float(g["high"])
     md = (root / "results.md").read_text(encoding="utf-8")
-    assert "| muvla |" in md and "zero-shot mR" in md and "muvla - joint_unaligned" in md
+    assert md.index("## Claims, test split") < md.index("## Models, test split") < md.index("## Dev split")
+    assert "paired 95% interval" in md and "`pretrain.lr`: dev of split seed 0" in md
+    record = json.loads((root / "results.json").read_text(encoding="utf-8"))
+    assert record["split"]["test"] == 3 and record["tuned"] == {"pretrain.lr": "dev of split seed 0 (a test of the record)"}
     for plot in ("zero_shot.png", "probe.png", "training_curves.png"):
         assert (root / "plots" / plot).stat().st_size > 0
     page = Path(summary["report"]).read_text(encoding="utf-8")
-    assert "Experiment" in page and "zero-shot mR" in page
+    assert "zero-shot mR" in page
     lines = describe(summary)
     assert lines[-1].startswith("Open the report: ") and len(lines) < 20
 
     # killed after the first model: its parts are kept, the rest is redone
     layout = ExperimentLayout(root)
     kept = (layout.model("joint_unaligned", 0) / "model" / "model.safetensors").stat().st_mtime_ns
-    (layout.model("muvla", 0) / "probe" / "results.json").unlink()
+    killed = layout.evaluation("muvla", 0, "test", probe=True) / "predictions_retrieval_test.json"
+    killed.unlink()
     again = run_experiment(cfg)
     assert (layout.model("joint_unaligned", 0) / "model" / "model.safetensors").stat().st_mtime_ns == kept
     assert again["runs"][0]["zero_shot"] == summary["runs"][0]["zero_shot"]
-    assert (layout.model("muvla", 0) / "probe" / "results.json").is_file()
-    assert again["steps"]["redone"] == ["models/muvla/seed-0/probe"]
+    assert killed.is_file()
+    assert again["steps"]["redone"] == ["models/muvla/seed-0/probe/test"]
 
     # an unchanged rerun does nothing and says so
     third = run_experiment(cfg)
@@ -86,11 +108,25 @@ def test_tiny_experiment_writes_results_and_resumes(tmp_path: Path, one_thread) 
     retrained = run_experiment(tiny_experiment(tmp_path, overwrite=True, **{"pretrain.lr": 5e-3}))
     assert model_file.read_bytes() != before
     assert sorted(retrained["steps"]["redone"]) == sorted(f"models/{m}/seed-0{part}" for m in ("joint_unaligned", "muvla")
-                                                          for part in ("", "/zero_shot", "/probe"))
+                                                          for part in ("", "/zero_shot/dev", "/zero_shot/test", "/probe",
+                                                                       "/probe/dev", "/probe/test"))
 
     # a changed split setting never keeps the old split silently
-    with pytest.raises(ConfigError, match=r"held_out=0\.4 \(this run: 0\.6\)"):
-        run_experiment(tiny_experiment(tmp_path, **{"evaluation.held_out": 0.6}))
+    with pytest.raises(ConfigError, match=r"held_out=0\.6 \(this run: 0\.7\)"):
+        run_experiment(tiny_experiment(tmp_path, **{"evaluation.held_out": 0.7}))
+
+
+@pytest.mark.slow
+def test_tuning_mode_leaves_the_test_images_untouched(tmp_path: Path, one_thread) -> None:
+    """report_on: dev scores dev only; no evaluation of a test image exists afterwards."""
+    cfg = tiny_experiment(tmp_path, models=["muvla"], **{"evaluation.report_on": "dev", "evaluation.probe_steps": 0})
+    summary = run_experiment(cfg)
+    root = Path(cfg.out)
+    assert not list(root.glob("models/*/seed-*/*/test"))
+    assert {r["split"] for r in csv.DictReader((root / "results.csv").open(encoding="utf-8"))} == {"dev"}
+    md = (root / "results.md").read_text(encoding="utf-8")
+    assert "## Claims, dev split" in md and "the test split is untouched" in md and "## Dev split" not in md
+    assert summary["report_on"] == "dev"
 
 
 def test_experiment_settings_are_checked_first(tmp_path: Path) -> None:

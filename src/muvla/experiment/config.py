@@ -20,35 +20,59 @@ TEXT_SETTINGS = ("cc", "bc")
 DEFAULT_MODELS = ("base", "joint_unaligned", "muvla", "aligned")
 
 
+REPORT_ON = ("dev", "test")
+
+
 @dataclass(kw_only=True)
 class EvaluationSettings:
-    """How the held-out images are used: zero-shot retrieval through the ITM head, and a short
-    retrieval fine-tuning probe with the same budget for every model (so models whose ITM head
-    never trained still get a number that means the same thing)."""
+    """How the held-out images are used. They are split three ways: probe-train (trains a short
+    retrieval fine-tuning probe, the same budget for every model, so models whose ITM head never
+    trained still get a number that means the same thing), dev (where anything chosen by looking at
+    results is chosen) and test (reported once, untouched while tuning: ``report_on: dev``)."""
 
     held_out: float = setting(0.2, help="fraction of the images held out of pre-training (never seen by any model)")
     split_seed: int = setting(0, help="seed of the train / held-out split")
-    probe_fraction: float = setting(0.5, help="part of the held-out images that trains the probe; the rest tests "
-                                              "both the probe and zero-shot retrieval")
+    probe_fraction: float = setting(0.5, help="part of the held-out images that trains the retrieval probe")
+    dev_fraction: float = setting(0.5, help="part of the other held-out images that is the dev split (the rest: test)")
     max_images: int = setting(100, help="test images scored (zero-shot and probe): n images x n captions pairs")
-    captions_per_image: int = setting(1, help="captions per test image in the retrieval candidates")
+    max_dev_images: int = setting(100, help="dev images scored (zero-shot and probe)")
+    captions_per_image: int = setting(5, help="captions per dev/test image among the retrieval candidates (5 as in "
+                                              "the Flickr30k / COCO benchmarks: image->text hits when any of an "
+                                              "image's captions is in the top k, text->image ranks every caption)")
+    report_on: str = setting("test", choices=REPORT_ON,
+                             help="dev: score dev only and leave test untouched (while tuning); test: score dev and "
+                                  "test, and report test")
+    tuned: dict[str, str] = setting(default_factory=dict,
+                                    help="settings chosen by looking at results -> on which images they were chosen "
+                                         "(stated in results.md beside the numbers)")
     probe_steps: int = setting(60, help="fine-tuning steps of the retrieval probe")
     probe_batch_size: int = setting(8, help="batch size of the retrieval probe")
     probe_lr: float = setting(5e-5, help="learning rate of the retrieval probe")
     max_text_len: int = setting(32, help="tokens per caption when evaluating and probing")
+    bootstrap: int = setting(2000, help="paired bootstrap resamples (test images and seeds together) of every gap",
+                             runtime=True)
     batch_size: int = setting(64, help="pairs per batch when scoring", runtime=True)
 
     def validate(self) -> None:
+        check_choices(self, "evaluation")
         if not 0.0 < self.held_out < 1.0:
             raise ConfigError(f"evaluation.held_out must be in (0, 1), got {self.held_out}")
         if not 0.0 <= self.probe_fraction < 1.0:
             raise ConfigError(f"evaluation.probe_fraction must be in [0, 1), got {self.probe_fraction}")
+        if not 0.0 < self.dev_fraction < 1.0:
+            raise ConfigError(f"evaluation.dev_fraction must be in (0, 1), got {self.dev_fraction}")
         check_max_text_len(self.max_text_len, "evaluation.max_text_len")
-        for name in ("max_images", "captions_per_image", "probe_batch_size", "batch_size"):
+        for name in ("max_images", "max_dev_images", "captions_per_image", "probe_batch_size", "batch_size",
+                     "bootstrap"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"evaluation.{name} must be >= 1, got {getattr(self, name)}")
         if self.probe_steps < 0 or self.probe_lr <= 0:
             raise ConfigError("evaluation.probe_steps must be >= 0 and probe_lr > 0")
+
+    @property
+    def scored_splits(self) -> tuple[str, ...]:
+        """The held-out splits every model is scored on."""
+        return ("dev",) if self.report_on == "dev" else ("dev", "test")
 
 
 @dataclass

@@ -80,6 +80,10 @@ class ExperimentLayout:
     def model(self, model: str, seed: int) -> Path:
         return self.root / "models" / model / f"seed-{seed}"
 
+    def evaluation(self, model: str, seed: int, part: str, probe: bool = False) -> Path:
+        """Retrieval of the held-out split ``part`` (dev or test), zero-shot or by the retrieval probe."""
+        return self.model(model, seed) / ("probe_eval" if probe else "zero_shot") / part
+
 
 # ---------------------------------------------------------------------------------------------- split
 
@@ -93,7 +97,7 @@ def _read_captions(path: Path) -> CaptionsFile:
 
 
 def make_split(cfg: ExperimentConfig, layout: ExperimentLayout) -> dict[str, Any]:
-    """Split the images with captions into train / probe_train / probe_test (a step of the protocol:
+    """Split the images with captions into train / probe_train / dev / test (a step of the protocol:
     reused while its settings and inputs are unchanged; a changed split setting is refused unless
     ``overwrite``, and then every later step sees its inputs changed)."""
     ev = cfg.evaluation
@@ -102,7 +106,7 @@ def make_split(cfg: ExperimentConfig, layout: ExperimentLayout) -> dict[str, Any
     inputs = {"captions": digest_file(Path(cfg.captions)), "images": digest_json(sorted(p.name for p in files.values()))}
     if cfg.regions.coco_instances is not None:
         inputs["coco_instances"] = digest_file(Path(cfg.regions.coco_instances))
-    outputs = [layout.split / "split.json", *(layout.captions(part) for part in ("train", "probe_train", "probe_test"))]
+    outputs = [layout.split / "split.json", *(layout.captions(part) for part in SPLIT_PARTS)]
     step = Step("split", layout.split, settings, inputs, outputs, SplitRecord(**settings),
                 sources={"images": cfg.images, "captions": cfg.captions, "coco_instances": cfg.regions.coco_instances},
                 work=[layout.split / "images", *(layout.split / f"instances_{part}.json" for part in ("train", "eval"))])
@@ -117,11 +121,15 @@ class SplitRecord:
     held_out: float
     split_seed: int
     probe_fraction: float
+    dev_fraction: float
     max_images: int
+    max_dev_images: int
     captions_per_image: int
 
 
 SPLIT_SETTINGS = tuple(f.name for f in dataclasses.fields(SplitRecord))
+SPLIT_PARTS = ("train", "probe_train", "dev", "test")
+HELD_OUT_PARTS = ("probe_train", "dev", "test")
 
 
 def _split(cfg: ExperimentConfig, layout: ExperimentLayout, files: dict[str, Path]) -> dict[str, Any]:
@@ -135,10 +143,16 @@ def _split(cfg: ExperimentConfig, layout: ExperimentLayout, files: dict[str, Pat
     n_held = max(2, int(round(ev.held_out * len(stems))))
     held, train = sorted(order[:n_held]), sorted(order[n_held:])
     n_probe = int(round(ev.probe_fraction * len(held)))
-    probe_train, probe_test = held[:n_probe], held[n_probe:][: ev.max_images]
-    split = {"train": train, "probe_train": probe_train, "probe_test": probe_test,
-             "unused_held_out": held[n_probe + len(probe_test):]}
-    for part, members in (("train", train), ("eval", probe_train + probe_test)):
+    probe_train, rest = held[:n_probe], held[n_probe:]
+    n_dev = int(round(ev.dev_fraction * len(rest)))
+    if n_dev < 1 or len(rest) - n_dev < 1:
+        raise ConfigError(f"experiment: {len(rest)} held-out images outside the probe cannot make both a dev and a "
+                          f"test split (raise evaluation.held_out or lower probe_fraction)")
+    dev, test = rest[:n_dev][: ev.max_dev_images], rest[n_dev:][: ev.max_images]
+    scored = set(dev) | set(test)
+    split = {"train": train, "probe_train": probe_train, "dev": dev, "test": test,
+             "unused_held_out": [stem for stem in rest if stem not in scored]}
+    for part, members in (("train", train), ("eval", probe_train + dev + test)):
         folder = layout.images(part)
         folder.mkdir(parents=True, exist_ok=True)
         for stem in members:
@@ -147,9 +161,10 @@ def _split(cfg: ExperimentConfig, layout: ExperimentLayout, files: dict[str, Pat
                 os.symlink(files[stem].resolve(), link)
     for part in ("train", "probe_train"):
         write_captions_file(layout.captions(part), data.subset(split[part]))
-    write_captions_file(layout.captions("probe_test"), data.subset(probe_test, ev.captions_per_image))
+    for part in ("dev", "test"):
+        write_captions_file(layout.captions(part), data.subset(split[part], ev.captions_per_image))
     if cfg.regions.coco_instances is not None:
-        for part, members in (("train", set(train)), ("eval", set(probe_train) | set(probe_test))):
+        for part, members in (("train", set(train)), ("eval", set(probe_train) | scored)):
             _write_instances_subset(cfg, layout, part, members)
     _write_json(layout.split / "split.json", split)
     return {"images": len(stems), **{part: len(members) for part, members in split.items()}}
@@ -281,26 +296,30 @@ def pretrain_model(cfg: ExperimentConfig, layout: ExperimentLayout, model: str, 
     return run_pretrain(cfg.pretrain_config(model, layout.model(model, seed), corpus, seed))
 
 
-def evaluate_model(cfg: ExperimentConfig, layout: ExperimentLayout, model: str, seed: int) -> dict[str, Any]:
-    """Zero-shot retrieval of the probe-test images through the model's ITM head (summary)."""
+def evaluate_model(cfg: ExperimentConfig, layout: ExperimentLayout, model: str, seed: int, part: str,
+                   probe: bool = False) -> dict[str, Any]:
+    """Retrieval of one held-out split (dev or test: every caption of an image against every image)
+    through the ITM head of the pre-trained model (zero-shot) or of its retrieval probe (summary)."""
     from muvla.tasks.evaluate import EvaluateConfig, run_evaluate
 
     ev = cfg.evaluation
-    ecfg = EvaluateConfig(out=layout.model(model, seed) / "zero_shot", task="retrieval",
-                          model=str(layout.model(model, seed)), regions=layout.eval_regions,
-                          captions=layout.captions("probe_test"), max_text_len=ev.max_text_len,
-                          batch_size=ev.batch_size, model_name=model, device="auto", precision=cfg.precision,
-                          overwrite=cfg.overwrite)
+    folder = layout.model(model, seed)
+    ecfg = EvaluateConfig(out=layout.evaluation(model, seed, part, probe), task="retrieval",
+                          model=str(folder / "probe" / "model" if probe else folder), regions=layout.eval_regions,
+                          captions=layout.captions(part), split=part, max_text_len=ev.max_text_len,
+                          batch_size=ev.batch_size, model_name=f"{model} {'probe' if probe else 'zero-shot'}",
+                          device="auto", precision=cfg.precision, overwrite=cfg.overwrite)
     return run_evaluate(ecfg)
 
 
 def probe_model(cfg: ExperimentConfig, layout: ExperimentLayout, model: str, seed: int) -> dict[str, Any]:
-    """Retrieval fine-tuning on the probe-train images, tested on the probe-test images (summary)."""
+    """Retrieval fine-tuning on the probe-train images (the same budget for every model); it is
+    scored on dev and test by :func:`evaluate_model` (summary)."""
     from muvla.tasks.finetune import FinetuneConfig, run_finetune
 
     ev = cfg.evaluation
     fcfg = FinetuneConfig(out=layout.model(model, seed) / "probe", task="retrieval",
-                          train=[layout.captions("probe_train")], val=[layout.captions("probe_test")],
+                          train=[layout.captions("probe_train")], val=[],
                           regions=layout.eval_regions, model=str(layout.model(model, seed)),
                           max_steps=max(ev.probe_steps, 1), batch_size=ev.probe_batch_size, lr=ev.probe_lr, seed=seed,
                           max_text_len=ev.max_text_len, eval_batch_size=ev.batch_size, model_name=model, plot=False,
@@ -333,25 +352,32 @@ def run_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     log.add("eval_regions", run_everywhere(run_regions, eval_regions, shard, sharded=True, timeout_s=7 * 24 * 3600))
     corpora = build_corpora(cfg, layout, log)
     runs: list[dict[str, Any]] = []
+    parts = cfg.evaluation.scored_splits
     for model in cfg.models:
         for seed in cfg.seeds:
             label = f"models/{model}/seed-{seed}"
             t0 = time.perf_counter()
             pretrain = log.add(label, pretrain_model(cfg, layout, model, seed, corpora))
             seconds = time.perf_counter() - t0
-            row: dict[str, Any] = {"model": model, "seed": seed, "pretrain": pretrain}
+            row: dict[str, Any] = {"model": model, "seed": seed, "pretrain": pretrain, "zero_shot": {}, "probe": {}}
             if is_main():
-                row["zero_shot"] = log.add(f"{label}/zero_shot", evaluate_model(cfg, layout, model, seed))["metrics"]
+                for part in parts:
+                    row["zero_shot"][part] = log.add(f"{label}/zero_shot/{part}",
+                                                     evaluate_model(cfg, layout, model, seed, part))["metrics"]
             barrier()
-            row["probe"] = (log.add(f"{label}/probe", probe_model(cfg, layout, model, seed)).get("val_metrics", {})
-                            if cfg.evaluation.probe_steps > 0 else {})
+            if cfg.evaluation.probe_steps > 0:
+                log.add(f"{label}/probe", probe_model(cfg, layout, model, seed))
+                if is_main():
+                    for part in parts:
+                        row["probe"][part] = log.add(f"{label}/probe/{part}", evaluate_model(
+                            cfg, layout, model, seed, part, probe=True))["metrics"]
             row["pretrain_seconds"] = round(seconds, 1)
             runs.append(row)
             barrier()
     if not is_main():
         return {"out": str(layout.root), "rank": shard.rank}
     quality = corpus_quality(cfg, layout, corpora)
-    summary = write_results(cfg, layout.root, runs, quality, split)
+    summary = write_results(cfg, layout, runs, quality, split)
     if cfg.report:
         from muvla.report.html import write_report
 
@@ -372,8 +398,9 @@ def describe(summary: dict[str, Any]) -> list[str]:
         work = f"{len(redone)} step(s) run, {len(reused)} reused (same settings and inputs)"
     else:
         work = f"nothing to do: all {len(reused)} steps were up to date (same settings and inputs), results re-rendered"
+    part = summary.get("report_on", "test")
     lines = [f"muvla experiment finished in {summary.get('seconds')} s ({summary['n_train_images']} training images, "
-             f"{summary['n_test_images']} held-out test images, seeds {summary['seeds']}); {work}", summary["table"]]
+             f"{summary['n_test_images']} held-out {part} images, seeds {summary['seeds']}); {work}", summary["table"]]
     for sentence in summary.get("findings", []):
         lines.append(f"- {sentence}")
     lines.append(f"details: {summary['results_md']} and {summary['results_csv']}")
